@@ -1,0 +1,118 @@
+"""Comm-hook registry and `register_comm_hook(ddp_model, cfg)`.
+
+A comm-hook factory is called as `factory(model, process_group, **params)` and
+returns `(state, hook)` for `DistributedDataParallel.register_comm_hook`. The
+state may offer `state_dict()` / `load_state_dict()` (checkpointed with the
+run), `metrics()` (per-step numbers such as bytes sent, logged to MLflow) and
+`save_artifacts(outdir)` (plots written at the end of a run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+
+from .registry import Registry, bind_params
+
+COMM_HOOKS = Registry("comm hook", "gradlane.comm_hooks")
+
+
+def _none(model: nn.Module, process_group=None):
+    """Plain DDP all-reduce (no hook registered)."""
+    return None, None
+
+
+def _torch_fp16(model: nn.Module, process_group=None):
+    """torch's fp16 compression hook (casts buckets to half before all-reduce)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    return process_group, default_hooks.fp16_compress_hook
+
+
+def _torch_powersgd(
+    model: nn.Module,
+    process_group=None,
+    rank: int = 4,
+    start_iter: int = 10,
+    warm_start: bool = True,
+    min_compression_rate: float = 2.0,
+):
+    """torch's PowerSGD hook (uniform rank, error feedback), the reference anchor."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
+
+    state = psgd.PowerSGDState(
+        process_group=process_group,
+        matrix_approximation_rank=rank,
+        start_powerSGD_iter=max(start_iter, 2),
+        min_compression_rate=min_compression_rate,
+        warm_start=warm_start,
+        use_error_feedback=True,
+    )
+    return state, psgd.powerSGD_hook
+
+
+COMM_HOOKS.add("none", _none, "plain DDP all-reduce, no compression")
+COMM_HOOKS.add("torch_fp16", _torch_fp16, "torch's built-in fp16 compression hook")
+COMM_HOOKS.add("torch_powersgd", _torch_powersgd, "torch's built-in PowerSGD hook")
+COMM_HOOKS.add("fp16", _torch_fp16, "fp16 compression (torch's hook until ours lands)")
+COMM_HOOKS.add("powersgd", _torch_powersgd, "PowerSGD (torch's hook until ours lands)")
+
+
+class CommHook:
+    """The registered hook of one DDP model: its state, checkpointing and metrics."""
+
+    def __init__(self, name: str, state: Any, model: nn.Module):
+        self.name = name
+        self.state = state
+        self._dense_bytes = dense_bytes(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        if hasattr(self.state, "state_dict"):
+            return self.state.state_dict()
+        if hasattr(self.state, "__getstate__") and not isinstance(self.state, dist.ProcessGroup):
+            return dict(self.state.__getstate__() or {})
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if hasattr(self.state, "load_state_dict"):
+            self.state.load_state_dict(state)
+        else:  # torch's PowerSGDState: restore the pickled fields, keep the live group
+            group = self.state.process_group
+            self.state.__setstate__(dict(state))
+            self.state.process_group = group
+
+    def metrics(self) -> dict[str, float]:
+        """Per-step numbers; plain all-reduce reports its dense payload."""
+        if hasattr(self.state, "metrics"):
+            return self.state.metrics()
+        if self.name == "none":
+            return {"comm/bytes_per_step": float(self._dense_bytes)}
+        return {}
+
+    def save_artifacts(self, outdir: Path) -> None:
+        if hasattr(self.state, "save_artifacts"):
+            self.state.save_artifacts(outdir)
+
+
+def register_comm_hook(ddp_model: nn.Module, cfg: Any, process_group=None) -> CommHook:
+    """Build the hook named `cfg.hook` with the rest of `cfg` as its parameters and
+    register it on `ddp_model` (a DistributedDataParallel). Returns its CommHook."""
+    params = dict(cfg)
+    name = params.pop("hook", "none")
+    factory = COMM_HOOKS.get(name)
+    params = bind_params("comm", name, factory, params)
+    module = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
+    state, hook = factory(module, process_group, **params)
+    if hook is not None:
+        ddp_model.register_comm_hook(state, hook)
+    return CommHook(name, state, module)
+
+
+def dense_bytes(model: nn.Module) -> int:
+    """Bytes a plain all-reduce of every trainable gradient puts on the wire."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,8 @@
+"""Recipes: one sub-package per workload, each exposing `RECIPE` (a `gradlane.recipe.Recipe`)."""
+
+from __future__ import annotations
+
+from gradlane.registry import Registry
+
+RECIPES = Registry("recipe", "gradlane.recipes")
+RECIPES.add("lm", "gradlane.recipes.lm:RECIPE", "byte-level GPT on the Python stdlib sources")
