@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from .errors import ConfigError, unknown
+from .errors import ConfigError, closest, unknown
 
 
 @dataclass
@@ -112,7 +112,10 @@ def bind_params(kind: str, name: str, factory: Callable[..., Any], params: dict[
             if takes_any:
                 out[key] = value
                 continue
-            raise unknown(f"{kind} parameter for {name!r}:", key, accepted)
+            raise ConfigError(
+                f"unknown key '{kind}.{key}' for {kind} {name!r}{closest(key, accepted)}; "
+                f"allowed: {', '.join(sorted(accepted)) or '(none)'}"
+            )
         out[key] = _coerce(f"{kind}.{key}", value, accepted[key])
     return out
 

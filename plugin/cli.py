@@ -1,0 +1,96 @@
+"""`gradlane` command line: run, list, show.
+
+    gradlane run RECIPE [-c FILE] [key=value ...]   merge, validate, print, train
+    gradlane list                                   recipes, comm hooks, optimizers
+    gradlane show RECIPE [key=value ...]            the resolved config as YAML
+
+Bad input prints one line naming the key, the value and what is allowed, and
+exits with code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import ConfigError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gradlane", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train a recipe on Ray and track it in MLflow")
+    run.add_argument("recipe")
+    run.add_argument("overrides", nargs="*", metavar="key=value")
+    run.add_argument("-c", "--config", type=Path, help="a YAML file merged over the recipe's")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    show = sub.add_parser("show", help="print a recipe's resolved config")
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*", metavar="key=value")
+    show.add_argument("-c", "--config", type=Path)
+    sub.add_parser("list", help="recipes, comm hooks and optimizers")
+    return parser
+
+
+def _list() -> str:
+    from gradlane.comm import COMM_HOOKS
+    from gradlane.optim import OPTIMIZERS
+    from gradlane.recipes import RECIPES
+
+    out = []
+    for title, registry in (("recipes", RECIPES), ("comm hooks", COMM_HOOKS),
+                            ("optimizers", OPTIMIZERS)):  # fmt: skip
+        out.append(f"{title}:")
+        for name in registry.names():
+            entry = registry.entry(name)
+            try:
+                text = entry.summary()
+            except (ImportError, AttributeError) as exc:
+                text = f"(cannot be loaded: {exc})"
+            origin = "" if entry.origin == "built-in" else f"  [{entry.origin}]"
+            out.append(f"  {name:<16} {text}{origin}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command == "list" or any(a.startswith("-") for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # key=value overrides that came after an option
+        args.overrides += extra
+    try:
+        if args.command == "list":
+            print(_list())
+            return 0
+        from .config import to_yaml
+        from .launcher import prepare
+
+        cfg, checkpoint = prepare(args.recipe, args.config, list(args.overrides))
+        if args.command == "show":
+            print(to_yaml(cfg), end="")
+            return 0
+        from .launcher import TrainingFailed, launch, summary_table
+
+        print(to_yaml(cfg), end="", flush=True)
+        try:
+            result = launch(cfg, checkpoint, show_progress=not args.no_progress)
+        except TrainingFailed as exc:
+            print(f"gradlane: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(summary_table(result))
+        return 0
+    except ConfigError as exc:
+        print(f"gradlane: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("gradlane: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
