@@ -79,6 +79,13 @@ def prepare(recipe: str, file: Path | None, overrides: list[str]) -> tuple[DictC
         base["resume"] = str(run_dir)
     recipe_cfg = RECIPES.get(recipe).config
     cfg = compose(recipe_cfg, file, [*overrides, f"run.recipe={recipe}"], base=base)
+    if checkpoint is not None:
+        written = len(list(checkpoint.glob("rank*.pt")))
+        if written != cfg.trainer.num_workers:
+            raise ConfigError(
+                f"trainer.num_workers={cfg.trainer.num_workers}: checkpoint {checkpoint} was "
+                f"written by {written} workers; resume with trainer.num_workers={written}"
+            )
     return cfg, checkpoint
 
 
@@ -168,7 +175,7 @@ def launch(
     resumed = Path(cfg.resume) if cfg.resume else None
     if resumed is not None:
         run_dir = resumed
-        previous = json.loads((run_dir / RUN_FILE).read_text())
+        previous = {k: v for k, v in json.loads((run_dir / RUN_FILE).read_text()).items() if v}
     else:
         run_dir = (Path(cfg.run.output_dir) / _run_name(cfg)).resolve()
         if run_dir.exists():
@@ -195,7 +202,10 @@ def launch(
         (run_dir / RUN_FILE).write_text(
             json.dumps({"run_id": tracker.run_id, "tracking_uri": uri}, indent=2)
         )
-        tracker.log_params(flatten(cfg))
+        if previous.get("run_id"):  # MLflow params are immutable: note the resume instead
+            tracker.set_tag("gradlane.resumed_from", str(checkpoint))
+        else:
+            tracker.log_params(flatten(cfg))
         tracker.log_artifact(run_dir / "config.yaml")
         return _train(cfg, run_dir, tracker, checkpoint, show_progress)
     finally:

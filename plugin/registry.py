@@ -73,6 +73,11 @@ class Registry:
                 dist = ep.dist.name if ep.dist is not None else "?"
                 self._entries[ep.name] = Entry(ep.name, ep.value, origin=dist)
 
+    def refresh(self) -> None:
+        """Scan the entry points again (after installing a plugin in a running process)."""
+        self._entries = {k: e for k, e in self._entries.items() if e.origin == "built-in"}
+        self._plugins_loaded = False
+
     def names(self) -> list[str]:
         self._load_plugins()
         return sorted(self._entries)

@@ -93,6 +93,9 @@ class Tracker:
         for i in range(0, len(items), 100):
             self._call(self.client.log_batch, self.run_id, params=items[i : i + 100])
 
+    def set_tag(self, key: str, value: str) -> None:
+        self._call(self.client.set_tag, self.run_id, key, value)
+
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Append to the local file, queue for MLflow."""
         from mlflow.entities import Metric

@@ -75,11 +75,6 @@ def save_checkpoint(
 def load_checkpoint(directory: Path, rank: int, model, optimizer, scheduler, hook) -> int:
     """Restore model, optimizer, schedule, hook and RNG; return the step to start from."""
     own = directory / f"rank{rank}.pt"
-    if not own.exists():
-        raise RuntimeError(
-            f"checkpoint {directory} has no state for rank {rank}: "
-            "resume with the same trainer.num_workers it was written with"
-        )
     shared = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=False)
     mine = torch.load(own, map_location="cpu", weights_only=False)
     model.load_state_dict(shared["model"])
