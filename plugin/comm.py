@@ -15,6 +15,7 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
+from .errors import ConfigError, closest
 from .registry import Registry, bind_params
 
 COMM_HOOKS = Registry("comm hook", "gradlane.comm_hooks")
@@ -54,11 +55,131 @@ def _torch_powersgd(
     return state, psgd.powerSGD_hook
 
 
+def _fp16(model: nn.Module, process_group=None, start_iter: int = 0):
+    """fp16 cast with error feedback (half the bytes)."""
+    from gradlane.compressors import Cast, CompressionState, compression_hook
+
+    return CompressionState(model, Cast("fp16"), process_group, start_iter), compression_hook
+
+
+def _bf16(model: nn.Module, process_group=None, start_iter: int = 0):
+    """bf16 cast with error feedback (half the bytes, fp32's range)."""
+    from gradlane.compressors import Cast, CompressionState, compression_hook
+
+    return CompressionState(model, Cast("bf16"), process_group, start_iter), compression_hook
+
+
+def _powersgd(
+    model: nn.Module,
+    process_group=None,
+    rank: int = 4,
+    start_iter: int = 10,
+    min_compression_rate: float = 2.0,
+    seed: int = 0,
+):
+    """PowerSGD at one rank for every layer, with error feedback and warm start."""
+    from gradlane.compressors import CompressionState, PowerSGD, compression_hook
+
+    compressor = PowerSGD(rank, min_compression_rate, seed)
+    return CompressionState(model, compressor, process_group, start_iter, seed), compression_hook
+
+
+def _topk(model: nn.Module, process_group=None, density: float = 0.01, start_iter: int = 10):
+    """TopK sparsification at one density, with error feedback (all-gather + scatter-add)."""
+    from gradlane.compressors import CompressionState, TopK, compression_hook
+
+    return CompressionState(model, TopK(density), process_group, start_iter), compression_hook
+
+
+def _qsgd(
+    model: nn.Module,
+    process_group=None,
+    bits: int = 4,
+    bucket_size: int = 128,
+    start_iter: int = 10,
+    seed: int = 0,
+):
+    """QSGD at one bit width, bit-packed, with error feedback (all-gather)."""
+    from gradlane.compressors import QSGD, CompressionState, compression_hook
+
+    compressor = QSGD(bits, bucket_size)
+    return CompressionState(model, compressor, process_group, start_iter, seed), compression_hook
+
+
+LGRECO_COMPRESSORS = ("powersgd", "qsgd", "topk")
+
+
+def _lgreco(
+    model: nn.Module,
+    process_group=None,
+    compressor: str = "powersgd",
+    rank: int = 4,
+    density: float = 0.01,
+    bits: int = 4,
+    bucket_size: int = 128,
+    min_compression_rate: float = 2.0,
+    alpha: float = 1.0,
+    start_iter: int = 10,
+    adjust_every: int = 100,
+    accumulate: int = 3,
+    bins: int = 10000,
+    candidates: str = "",
+    seed: int = 0,
+):
+    """L-GreCo: per-layer levels of `compressor` chosen by a knapsack every `adjust_every` steps.
+
+    `rank` / `density` / `bits` is the uniform default whose total error times
+    `alpha` is the budget; `candidates` ("2,4,8") overrides the levels to choose from.
+    """
+    from gradlane.compressors import QSGD, LGrecoState, PowerSGD, TopK, lgreco_hook
+
+    if compressor not in LGRECO_COMPRESSORS:
+        raise ConfigError(
+            f"comm.compressor={compressor!r} is not one of {', '.join(LGRECO_COMPRESSORS)}"
+            + closest(compressor, LGRECO_COMPRESSORS)
+        )
+    family = {
+        "powersgd": lambda: PowerSGD(rank, min_compression_rate, seed),
+        "topk": lambda: TopK(density),
+        "qsgd": lambda: QSGD(bits, bucket_size),
+    }[compressor]()
+    levels = _parse_levels(candidates, float if compressor == "topk" else int)
+    state = LGrecoState(
+        model,
+        family,
+        process_group,
+        start_iter,
+        adjust_every,
+        accumulate,
+        alpha,
+        bins,
+        levels,
+        seed,
+    )
+    return state, lgreco_hook
+
+
+def _parse_levels(text: str, kind: type) -> list | None:
+    """ "2, 4,8" -> [2, 4, 8]; "" -> None (the compressor's own candidates)."""
+    if not text.strip():
+        return None
+    try:
+        return [kind(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"comm.candidates={text!r} must be a comma-separated list of {kind.__name__} levels"
+        ) from None
+
+
 COMM_HOOKS.add("none", _none, "plain DDP all-reduce, no compression")
-COMM_HOOKS.add("torch_fp16", _torch_fp16, "torch's built-in fp16 compression hook")
-COMM_HOOKS.add("torch_powersgd", _torch_powersgd, "torch's built-in PowerSGD hook")
-COMM_HOOKS.add("fp16", _torch_fp16, "fp16 compression (torch's hook until ours lands)")
-COMM_HOOKS.add("powersgd", _torch_powersgd, "PowerSGD (torch's hook until ours lands)")
+COMM_HOOKS.add("torch_fp16", _torch_fp16, "torch's built-in fp16 compression hook (anchor)")
+COMM_HOOKS.add("torch_powersgd", _torch_powersgd, "torch's built-in PowerSGD hook (anchor)")
+COMM_HOOKS.add("fp16", _fp16, "fp16 cast with error feedback")
+COMM_HOOKS.add("bf16", _bf16, "bf16 cast with error feedback")
+COMM_HOOKS.add("powersgd", _powersgd, "PowerSGD, one rank for all layers, error feedback")
+COMM_HOOKS.add("topk", _topk, "TopK sparsification, one density, error feedback")
+COMM_HOOKS.add("qsgd", _qsgd, "QSGD, bit-packed, one bit width, error feedback")
+COMM_HOOKS.add("lgreco", _lgreco, "L-GreCo: per-layer levels of powersgd|topk|qsgd by knapsack")
 
 
 class CommHook:
@@ -107,7 +228,12 @@ def register_comm_hook(ddp_model: nn.Module, cfg: Any, process_group=None) -> Co
     factory = COMM_HOOKS.get(name)
     params = bind_params("comm", name, factory, params)
     module = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
-    state, hook = factory(module, process_group, **params)
+    try:
+        state, hook = factory(module, process_group, **params)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a compressor's own check names the key and the value
+        raise ConfigError(f"comm.{exc}") from exc
     if hook is not None:
         ddp_model.register_comm_hook(state, hook)
     return CommHook(name, state, module)
