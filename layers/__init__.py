@@ -1,1 +1,6 @@
-"""layers"""
+"""layers: plain-PyTorch building blocks (no dependency on the rest of gradlane).
+
+One import line per module; each public name is re-exported here.
+"""
+
+from .evonorm import NORMS, EvoNormB0, EvoNormS0, convert_norms, evonorm  # noqa: F401
