@@ -45,8 +45,39 @@ def _adamw(
     )
 
 
+def _mfac(
+    params,
+    lr: float = 1e-3,
+    ngrads: int = 1024,
+    damp: float = 1e-4,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    window_dtype: str = "float32",
+    shard_window: bool = False,
+):
+    """M-FAC: SGD preconditioned by the inverse Fisher of the last `ngrads` gradients."""
+    from gradlane.optimizers import MFAC
+
+    try:
+        return MFAC(
+            params,
+            lr=lr,
+            ngrads=ngrads,
+            damp=damp,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            window_dtype=window_dtype,
+            shard_window=shard_window,
+        )
+    except ValueError as exc:  # MFAC names the bad setting as "key=value ..."
+        raise ConfigError(f"optimizer.{exc}") from None
+
+
 OPTIMIZERS.add("sgd", _sgd)
 OPTIMIZERS.add("adamw", _adamw)
+OPTIMIZERS.add("mfac", _mfac)
 
 SCHEDULE_KEYS = ("schedule", "warmup_steps", "min_lr_ratio")
 SCHEDULES = ("constant", "cosine", "linear")

@@ -1,0 +1,249 @@
+"""M-FAC: a matrix-free inverse-Fisher preconditioner over a sliding window of gradients.
+
+Frantar, Kurtic, Alistarh, "M-FAC: Efficient Matrix-Free Approximations of
+Second-Order Information", NeurIPS 2021 (the dynamic / sliding-window algorithm).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+
+from .fisher import admit, new_system
+from .shard import Shard, plan
+from .window import combine, compute_dtype, dots
+
+WINDOW_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+STATE_KEY = "mfac"  # the optimizer-wide state: window, Gram matrix, inverse, counters
+
+
+def _require(ok: bool, key: str, value, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}={value!r} {what}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class MFAC(torch.optim.Optimizer):
+    """SGD preconditioned by the inverse empirical Fisher of the last `ngrads` gradients.
+
+    The step is ``p -= lr * v`` with ``v = momentum * v + F^{-1} g`` (``v = F^{-1} g``
+    without momentum), where g is the flattened gradient of all parameters and
+
+        F = damp * I + (1/k) * sum_{i=1..k} g_i g_i^T
+
+    over the k = min(steps, ngrads) most recent accepted gradients, the current one
+    included. Weight decay is either coupled (``g += weight_decay * p`` before g enters
+    the window, so the Fisher sees the regularised gradient) or, with
+    ``decoupled_weight_decay=True``, applied AdamW-style as ``p *= 1 - lr * weight_decay``.
+
+    How, without ever forming a d x d matrix (m = ngrads, d parameters):
+
+    1. one pass over the window computes the dot products G g of the new gradient with
+       the stored ones (all-reduced over the ranks when the window is sharded);
+    2. the new gradient replaces the oldest one; its dot products give the new row and
+       column of the m x m matrix K = k*damp*I + G G^T, whose inverse is updated in
+       O(m^2) by a rank-1 downdate (drop the oldest) and a rank-1 update (add the
+       newest), and refactored from the stored Gram matrix once per lap of the window;
+    3. by the push-through identity F^{-1} G^T = k G^T K^{-1}, the preconditioned
+       gradient is F^{-1} g = G^T (k K^{-1} e_j), j the new gradient's slot: a second
+       pass over the window with a column of K^{-1} as coefficients.
+
+    Cost per step with a full window: two passes over the m x d window plus O(m^2 + d)
+    (and an O(m^3) refactorisation once every m steps, O(m^2) amortised); a warm-up step
+    with k < m gradients costs O(kd + k^3), because the shift k*damp of K changes with k.
+    Memory: the window (m x d in `window_dtype`), two m x m fp64 matrices, and a momentum
+    buffer. The m x m algebra always runs in fp64; a bf16 / fp16 window is multiplied in
+    fp32, and the gradient preconditioned is the one stored (g rounded to `window_dtype`),
+    so F^{-1} g lies in the span of the window exactly.
+
+    ``shard_window=True`` under torch.distributed stores only this rank's ~d/R columns of
+    every window gradient: the dot products are all-reduced (m+1 numbers a step) and
+    the update slices all-gathered, so every rank applies the update of the unsharded
+    optimizer. Under DeepSpeed ZeRO-1/2 the optimizer only ever holds this rank's flat
+    partition; the window then stores that partition and the dot products are always
+    all-reduced (F is the whole model's Fisher), with no gather (ZeRO gathers the
+    parameters itself).
+
+    Parameters without a gradient at a step contribute zeros to that window gradient and
+    are not updated. A gradient whose dot products are not finite (a NaN or inf in g) is
+    rejected: the step is skipped, counted in `skipped_steps`, and the window is untouched.
+    All state (window, Gram matrix, inverse, counters, momentum) is in `self.state`, so
+    `state_dict()` / `load_state_dict()` resume exactly.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        ngrads: int = 1024,
+        damp: float = 1e-4,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        decoupled_weight_decay: bool = False,
+        window_dtype: str = "float32",
+        shard_window: bool = False,
+        process_group=None,
+    ):
+        _require(isinstance(ngrads, int) and ngrads >= 1, "ngrads", ngrads, "must be an int >= 1")
+        _require(_is_number(damp) and 0 < damp < math.inf, "damp", damp, "must be > 0")
+        _require(
+            window_dtype in WINDOW_DTYPES,
+            "window_dtype",
+            window_dtype,
+            f"is not one of {', '.join(WINDOW_DTYPES)}",
+        )
+        self.ngrads = ngrads
+        self.damp = float(damp)
+        self.window_dtype = WINDOW_DTYPES[window_dtype]
+        self.shard_window = bool(shard_window)
+        self.process_group = process_group
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        super().__init__(params, defaults)
+        self._declared = sum(p.numel() for p in self._trainable())
+        self._params: list[torch.Tensor] | None = None
+        self._shard: Shard | None = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "_params", None) is not None:
+            raise ValueError("MFAC.add_param_group after the first step would reshape the window")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+        _require(_is_number(lr) and 0 <= lr < math.inf, "lr", lr, "must be >= 0")
+        _require(_is_number(mom) and 0 <= mom < 1, "momentum", mom, "must be in [0, 1)")
+        _require(_is_number(wd) and 0 <= wd < math.inf, "weight_decay", wd, "must be >= 0")
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps whose gradient was rejected (not finite, or a singular window system)."""
+        return self.state[STATE_KEY]["skipped"] if STATE_KEY in self.state else 0
+
+    def _trainable(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def _setup(self) -> None:
+        """Fix the flattening order and this rank's columns; create or check the window."""
+        params = self._trainable()
+        if not params:
+            raise ValueError("MFAC got no parameters that require grad")
+        n = sum(p.numel() for p in params)
+        shard = plan(n, self._declared, self.shard_window, self.process_group)
+        device = params[0].device
+        shape = (self.ngrads, shard.hi - shard.lo)
+        state = self.state.get(STATE_KEY)
+        if state is None:
+            state = new_system(self.ngrads, device)
+            state.update(rows=torch.zeros(shape, dtype=self.window_dtype, device=device), skipped=0)
+        elif tuple(state["rows"].shape) != shape or state["rows"].dtype != self.window_dtype:
+            raise ValueError(
+                f"loaded MFAC window has shape {tuple(state['rows'].shape)} and dtype "
+                f"{state['rows'].dtype}, this optimizer needs {shape} and {self.window_dtype} "
+                "(different parameters, ngrads, window_dtype or number of ranks)"
+            )
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                state[key] = value.to(device)
+        self.state[STATE_KEY] = state
+        self._params, self._shard = params, shard
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch keeps optimizer-wide entries as given (uncast, possibly shared with the
+        # caller's dict): copy them so stepping never writes into a saved checkpoint.
+        if STATE_KEY in self.state:
+            loaded = self.state[STATE_KEY]
+            self.state[STATE_KEY] = {
+                k: v.clone() if torch.is_tensor(v) else v for k, v in loaded.items()
+            }
+        self._params = self._shard = None
+
+    def _flat_grad(self) -> torch.Tensor | None:
+        """Flattened gradient (coupled weight decay added), zeros where .grad is None."""
+        pieces, found = [], False
+        dtype = torch.float32
+        for group in self.param_groups:
+            wd = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                dtype = torch.promote_types(dtype, p.dtype)
+                if p.grad is None:
+                    pieces.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("MFAC does not support sparse gradients")
+                found = True
+                grad = p.grad.reshape(-1)
+                pieces.append(grad + wd * p.reshape(-1) if wd else grad)
+        return torch.cat([x.to(dtype) for x in pieces]) if found else None
+
+    def _apply(self, update: torch.Tensor) -> None:
+        offset = 0
+        for group in self.param_groups:
+            lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if not p.requires_grad:
+                    continue
+                d = update[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+                if p.grad is None:
+                    continue
+                if group["decoupled_weight_decay"] and wd:
+                    p.mul_(1 - lr * wd)
+                if mom:
+                    buf = self.state[p].get("momentum_buffer")
+                    if buf is None:
+                        buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                    d = buf.mul_(mom).add_(d)
+                p.add_(d.to(p.dtype), alpha=-lr)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        """One M-FAC step; returns the closure's loss if a closure is given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._params is None:
+            self._setup()
+        grad = self._flat_grad()
+        if grad is None:
+            return loss
+        state, shard = self.state[STATE_KEY], self._shard
+        rows = state["rows"]
+        part = grad[shard.lo : shard.hi]
+        stored = part.to(self.window_dtype)
+        x = stored.to(compute_dtype(self.window_dtype))
+
+        filled = min(state["count"], self.ngrads)
+        products = torch.empty(filled + 1, dtype=torch.float64, device=rows.device)
+        products[:filled] = dots(rows[:filled], x)
+        products[filled] = torch.dot(x, x).double()
+        shard.reduce(products)
+        admitted = None
+        if bool(torch.isfinite(products).all()):
+            admitted = admit(state, products[:filled], products[filled], self.damp)
+        if admitted is None:
+            state["skipped"] += 1
+            return loss
+        slot, coef = admitted
+        rows[slot] = stored
+
+        update = combine(rows[: coef.numel()], coef).to(grad.dtype)
+        self._apply(shard.gather(update))
+        return loss
