@@ -7,6 +7,7 @@ Second-Order Information", NeurIPS 2021 (the dynamic / sliding-window algorithm)
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -75,8 +76,10 @@ class MFAC(torch.optim.Optimizer):
     parameters itself).
 
     Parameters without a gradient at a step contribute zeros to that window gradient and
-    are not updated. A gradient whose dot products are not finite (a NaN or inf in g) is
-    rejected: the step is skipped, counted in `skipped_steps`, and the window is untouched.
+    are not updated. A gradient whose dot products are not finite (a NaN or inf in g), or
+    one that would leave K numerically singular (damp far too small for the gradients'
+    scale), is rejected with a RuntimeWarning: the step is skipped, counted in
+    `skipped_steps`, and the window is untouched.
     All state (window, Gram matrix, inverse, counters, momentum) is in `self.state`, so
     `state_dict()` / `load_state_dict()` resume exactly.
     """
@@ -212,6 +215,12 @@ class MFAC(torch.optim.Optimizer):
                     d = buf.mul_(mom).add_(d)
                 p.add_(d.to(p.dtype), alpha=-lr)
 
+    def _reject(self, loss, why: str):
+        """Skip this step (window untouched), count it, warn (once per reason)."""
+        self.state[STATE_KEY]["skipped"] += 1
+        warnings.warn(f"MFAC skipped a step: {why}", RuntimeWarning, stacklevel=2)
+        return loss
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
         """One M-FAC step; returns the closure's loss if a closure is given."""
@@ -235,12 +244,15 @@ class MFAC(torch.optim.Optimizer):
         products[:filled] = dots(rows[:filled], x)
         products[filled] = torch.dot(x, x).double()
         shard.reduce(products)
-        admitted = None
-        if bool(torch.isfinite(products).all()):
-            admitted = admit(state, products[:filled], products[filled], self.damp)
+        if not bool(torch.isfinite(products).all()):
+            return self._reject(loss, "the gradient is not finite (NaN or inf)")
+        admitted = admit(state, products[:filled], products[filled], self.damp)
         if admitted is None:
-            state["skipped"] += 1
-            return loss
+            return self._reject(
+                loss,
+                "k*damp*I + G G^T is not numerically positive definite: damp is too small "
+                "for the size of the gradients (fp32 dot products); increase damp",
+            )
         slot, coef = admitted
         rows[slot] = stored
 

@@ -4,7 +4,8 @@
 row. Both products read the window exactly once: `dots` is G x, `combine` is G^T w.
 They run in the window's dtype when it is fp32 or fp64. A bf16 / fp16 window is read
 in column blocks converted to fp32 on the fly, so the products accumulate and return
-in fp32: rounded dot products would make the Gram matrix indefinite.
+in fp32: PyTorch's bf16 matrix-vector kernels round their outputs to bf16, and dot
+products rounded to 3 significant digits would make the Gram matrix indefinite.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import torch
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
-BLOCK_BYTES = 4 << 20  # fp32 bytes of one converted column block
 
 
 def compute_dtype(window_dtype: torch.dtype) -> torch.dtype:
@@ -21,9 +21,20 @@ def compute_dtype(window_dtype: torch.dtype) -> torch.dtype:
 
 
 def _blocks(rows: torch.Tensor):
-    width = max(256, BLOCK_BYTES // (4 * max(1, rows.shape[0])))
-    for start in range(0, rows.shape[1], width):
-        yield start, min(start + width, rows.shape[1])
+    """(start, end, fp32 copy of rows[:, start:end]) over the columns, in one reused buffer.
+
+    The buffer is cache-sized on CPU (reusing it avoids a page fault per block) and
+    large on accelerators (fewer kernel launches).
+    """
+    block_bytes = 1 << 20 if rows.device.type == "cpu" else 64 << 20
+    m, n = rows.shape
+    width = min(n, max(512, block_bytes // (4 * max(1, m))))
+    buf = torch.empty(m, width, dtype=torch.float32, device=rows.device)
+    for start in range(0, n, width):
+        end = min(start + width, n)
+        block = buf[:, : end - start]
+        block.copy_(rows[:, start:end])
+        yield start, end, block
 
 
 def dots(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -31,8 +42,8 @@ def dots(rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if rows.dtype not in LOW_PRECISION:
         return torch.mv(rows, x).double()
     out = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
-    for a, b in _blocks(rows):
-        out.addmv_(rows[:, a:b].float(), x[a:b])
+    for a, b, block in _blocks(rows):
+        out.addmv_(block, x[a:b])
     return out.double()
 
 
@@ -42,6 +53,6 @@ def combine(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return torch.mv(rows.T, w.to(rows.dtype))
     out = torch.empty(rows.shape[1], dtype=torch.float32, device=rows.device)
     w = w.float()
-    for a, b in _blocks(rows):
-        torch.mv(rows[:, a:b].float().T, w, out=out[a:b])
+    for a, b, block in _blocks(rows):
+        torch.mv(block.T, w, out=out[a:b])
     return out

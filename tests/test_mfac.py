@@ -114,7 +114,8 @@ def test_non_finite_gradient_is_rejected_and_leaves_everything_untouched():
     for bad in (float("nan"), float("inf")):
         g = stream[7].clone()
         g[3] = bad
-        assert take_step(opt, p, g).abs().max() == 0
+        with pytest.warns(RuntimeWarning, match="not finite"):
+            assert take_step(opt, p, g).abs().max() == 0
     assert opt.skipped_steps == 2
     for k, v in snapshot.items():
         if torch.is_tensor(v):
@@ -123,6 +124,20 @@ def test_non_finite_gradient_is_rejected_and_leaves_everything_untouched():
             assert opt.state["mfac"][k] == v, k
     assert torch.equal(opt.state[p]["momentum_buffer"], momentum)
     assert take_step(opt, p, stream[7]).abs().max() > 0  # and training goes on
+
+
+def test_gradient_that_makes_the_window_singular_is_rejected():
+    # damp far below fp32 rounding of ||g||^2 = 1e7, and a window of near-copies of g
+    p = torch.zeros(1000, requires_grad=True)
+    opt = MFAC([p], lr=0.1, ngrads=4, damp=1e-12)
+    g = 100 * torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    for i in range(3):
+        take_step(opt, p, g * (1 + 1e-7 * i))
+    gram = opt.state["mfac"]["gram"].clone()
+    with pytest.warns(RuntimeWarning, match="increase damp"):
+        assert take_step(opt, p, g * (1 + 3e-7)).abs().max() == 0
+    assert opt.skipped_steps == 1 and opt.state["mfac"]["count"] == 3
+    assert torch.equal(opt.state["mfac"]["gram"], gram)
 
 
 def _model_and_batches(seed: int):
