@@ -237,30 +237,39 @@ def validate(cfg: DictConfig) -> None:
 
 
 def check_factories(cfg: DictConfig) -> None:
-    """The recipe, hook and optimizer exist and accept the configured parameters."""
+    """The recipe, hook, optimizer and schedule exist and accept their settings.
+
+    Hook and optimizer are built once on a 2x2 probe layer (without a process
+    group), so their own range checks fire here, before anything is written.
+    """
+    import torch
+
+    from gradlane.recipes import RECIPES
+
     from .comm import COMM_HOOKS
-    from .optim import OPTIMIZERS, SCHEDULES
+    from .optim import build_optimizer, build_scheduler
     from .registry import bind_params
 
     if not cfg.run.recipe:
         raise ConfigError("run.recipe is empty: name a recipe (see `gradlane list`)")
-    from gradlane.recipes import RECIPES
-
     RECIPES.entry(cfg.run.recipe)
-    for registry, section in ((COMM_HOOKS, "comm"), (OPTIMIZERS, "optimizer")):
-        params = OmegaConf.to_container(cfg[section], resolve=True)
-        name = params.pop(FACTORY_SECTIONS[section])
-        for key in SCHEDULE_KEYS if section == "optimizer" else ():
-            params.pop(key, None)
-        bind_params(section, name, registry.get(name), params)
-    lr = cfg.optimizer.get("lr")
-    if isinstance(lr, (int, float)) and lr < 0:
-        raise ConfigError(f"optimizer.lr={lr!r} must be >= 0")
-    schedule = cfg.optimizer.get("schedule", "constant")
-    if schedule not in SCHEDULES:
-        raise ConfigError(
-            f"optimizer.schedule={schedule!r} is not allowed; allowed: {', '.join(SCHEDULES)}"
-        )
+    probe = torch.nn.Linear(2, 2)
+    comm = OmegaConf.to_container(cfg.comm, resolve=True)
+    name = comm.pop("hook")
+    factory = COMM_HOOKS.get(name)
+    params = bind_params("comm", name, factory, comm)
+    try:
+        build_scheduler(cfg.optimizer, build_optimizer(cfg.optimizer, probe.parameters()), 1)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"optimizer {cfg.optimizer.name!r}: {exc}") from exc
+    try:
+        factory(probe, None, **params)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a compressor's own check names the key and the value
+        raise ConfigError(f"comm.{exc}") from exc
 
 
 def to_yaml(cfg: DictConfig) -> str:

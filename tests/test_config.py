@@ -48,11 +48,16 @@ def test_switching_optimizer_drops_the_previous_ones_parameters():
         ("optimizer.betas=1", "unknown key 'optimizer.betas'"),
         ("optimizer.schedule=cosin", "optimizer.schedule='cosin' is not allowed"),
         ("comm.rank=4", "unknown key 'comm.rank'"),
+        ("optimizer.name=mfac optimizer.ngrads=0", "optimizer.ngrads=0 must be"),
+        ("optimizer.name=mfac optimizer.damp=0", "optimizer.damp=0"),
+        ("comm.hook=powersgd comm.rank=0", "comm.rank=0 must be"),
+        ("comm.hook=lgreco comm.alpha=-1", "comm.alpha=-1.0 must be > 0"),
+        ("comm.hook=topk comm.density=1.5", "comm.density=1.5"),
     ],
 )
 def test_bad_input_is_one_line_naming_key_and_value(override, expected):
     with pytest.raises(ConfigError) as err:
-        compose(LM_YAML, None, ["run.recipe=lm", override])
+        compose(LM_YAML, None, ["run.recipe=lm", *override.split()])
     assert expected in str(err.value)
     assert "\n" not in str(err.value)
 
