@@ -284,8 +284,7 @@ def _s0_backward(ctx, grad, *_):
     buf = torch.mul(x, sig).mul_(g)  # g x s
     gxs = _sum(buf, dims)
     grad_weight = (gxs / std_g).sum(0).view(-1)
-    torch.mul(sig, sig, out=buf)
-    torch.sub(sig, buf, out=buf).mul_(x)  # A = x s (1 - s)
+    torch.ops.aten.sigmoid_backward.grad_input(x, sig, grad_input=buf)  # A = x s (1 - s)
     sig.addcmul_(buf, _channel(v, x))  # s + v A
     grad_v = (k * _sum(buf.mul_(x).mul_(g), dims)).sum(0).view(-1)
     sig.mul_(k.to(x.dtype))

@@ -90,7 +90,7 @@ def test_mip_hypernetwork_serves_every_label_smoothing_setting():
     cfg, task = build("model.hyper=mip", "model.hyper_params=[layer3.*,fc.*]", "optimizer.lr=0.003")
     assert isinstance(task.model, Hypernetized)
     assert set(task.model.hypernet.outputs) >= {"fc.weight", "layer3.0.conv1.weight"}
-    train(cfg, task, 150)
+    train(cfg, task, 80)
     scores = task.evaluate(task.model)
     assert set(scores) == {f"{k}_at_{s}" for k in ("acc", "nll", "conf") for s in ("0", "0.5", "1")}
     assert scores["acc_at_0"] > 0.7 and scores["acc_at_1"] > 0.7

@@ -75,6 +75,7 @@ class VisionTask(Task):
         self.hyper = isinstance(self.model, Hypernetized)
         self.ctx, self.batch_size = ctx, cfg.data.batch_size
         self.max_smoothing = float(cfg.model.max_smoothing)
+        self.title = f"vision: norm={cfg.model.norm}, hyper={cfg.model.hyper}"
         self.smoothing = float(cfg.model.label_smoothing)
 
     def batch(self, step: int):
@@ -135,7 +136,7 @@ class VisionTask(Task):
         )
         ax.set_ylim(0, 1.02)
         ax.legend()
-        ax.set_title("vision: digits")
+        ax.set_title(self.title)
         fig.tight_layout()
         fig.savefig(outdir / "vision_eval.png", dpi=120)
         plt.close(fig)
