@@ -50,7 +50,9 @@ def new_system(m: int, device: torch.device) -> dict:
     }
 
 
-def admit(system: dict, dots: torch.Tensor, sq: float, damp: float):
+def admit(
+    system: dict, dots: torch.Tensor, sq: torch.Tensor | float, damp: float
+) -> tuple[int, torch.Tensor] | None:
     """Take a new gradient g into the slot of the oldest one.
 
     `dots[i] = <g, g_i>` over the slots filled so far (min(count, m) of them, the

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 
 from .fisher import admit, new_system
 from .shard import Shard, plan
@@ -47,6 +48,11 @@ class MFAC(torch.optim.Optimizer):
     the window, so the Fisher sees the regularised gradient) or, with
     ``decoupled_weight_decay=True``, applied AdamW-style as ``p *= 1 - lr * weight_decay``.
 
+    F^{-1} scales directions the window has rarely seen by up to 1/damp and frequent
+    ones by much less, so lr / damp is the largest effective step size. The defaults
+    (damp 1e-2, momentum 0.9) are tuned on the lm recipe, whose gradients have norms
+    around 1; damp should scale with the squared gradient norm.
+
     How, without ever forming a d x d matrix (m = ngrads, d parameters):
 
     1. one pass over the window computes the dot products G g of the new gradient with
@@ -54,7 +60,9 @@ class MFAC(torch.optim.Optimizer):
     2. the new gradient replaces the oldest one; its dot products give the new row and
        column of the m x m matrix K = k*damp*I + G G^T, whose inverse is updated in
        O(m^2) by a rank-1 downdate (drop the oldest) and a rank-1 update (add the
-       newest), and refactored from the stored Gram matrix once per lap of the window;
+       newest), refined once against K (iterative refinement, two more O(m^2)
+       products), and refactored from the stored Gram matrix once per lap of the window
+       (the paper's reference code re-solves an m x m system every step, O(m^3));
     3. by the push-through identity F^{-1} G^T = k G^T K^{-1}, the preconditioned
        gradient is F^{-1} g = G^T (k K^{-1} e_j), j the new gradient's slot: a second
        pass over the window with a column of K^{-1} as coefficients.
@@ -89,15 +97,16 @@ class MFAC(torch.optim.Optimizer):
         params: Iterable[torch.Tensor] | Iterable[dict],
         lr: float = 1e-3,
         ngrads: int = 1024,
-        damp: float = 1e-4,
-        momentum: float = 0.0,
+        damp: float = 1e-2,
+        momentum: float = 0.9,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
         window_dtype: str = "float32",
         shard_window: bool = False,
-        process_group=None,
+        process_group: dist.ProcessGroup | None = None,
     ):
-        _require(isinstance(ngrads, int) and ngrads >= 1, "ngrads", ngrads, "must be an int >= 1")
+        ok = isinstance(ngrads, int) and not isinstance(ngrads, bool) and ngrads >= 1
+        _require(ok, "ngrads", ngrads, "must be an int >= 1")
         _require(_is_number(damp) and 0 < damp < math.inf, "damp", damp, "must be > 0")
         _require(
             window_dtype in WINDOW_DTYPES,

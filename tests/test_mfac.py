@@ -40,7 +40,7 @@ def take_step(opt: MFAC, p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("d,m,damp", [(60, 8, 1e-3), (40, 1, 1e-2), (24, 32, 1e-4)])
 def test_matches_dense_solve_through_warmup_and_wraparounds(d, m, damp):
     p = torch.zeros(d, dtype=F64, requires_grad=True)
-    opt = MFAC([p], lr=1.0, ngrads=m, damp=damp, window_dtype="float64")
+    opt = MFAC([p], lr=1.0, ngrads=m, damp=damp, momentum=0.0, window_dtype="float64")
     seen, worst = [], 0.0
     for g in gradient_stream(d, steps=6 * m + 5):
         seen.append(g)
@@ -54,7 +54,7 @@ def test_matches_dense_solve_through_warmup_and_wraparounds(d, m, damp):
 def test_bf16_window_preconditions_the_stored_gradients():
     d, m, damp = 300, 6, 1e-2
     p = torch.zeros(d, requires_grad=True)
-    opt = MFAC([p], lr=1.0, ngrads=m, damp=damp, window_dtype="bfloat16")
+    opt = MFAC([p], lr=1.0, ngrads=m, damp=damp, momentum=0.0, window_dtype="bfloat16")
     assert opt.state == {} and opt.window_dtype == torch.bfloat16
     stored = []
     for g in gradient_stream(d, steps=3 * m):
@@ -207,7 +207,7 @@ def test_small_language_model_loss_falls():
     torch.manual_seed(0)
     corpus = load_corpus(max_bytes=200_000)
     model = GPT(n_layer=1, n_head=2, d_model=32, context=32)
-    opt = MFAC(model.parameters(), lr=3e-4, ngrads=16, damp=1e-3, momentum=0.9)
+    opt = MFAC(model.parameters(), lr=3e-3, ngrads=16)  # the lm recipe's lr, default damp
     gen = torch.Generator().manual_seed(0)
     losses = []
     for _ in range(60):
@@ -216,7 +216,7 @@ def test_small_language_model_loss_falls():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert sum(losses[-10:]) / 10 < losses[0] - 1.0
+    assert sum(losses[-10:]) / 10 < losses[0] - 1.5  # 5.5 -> about 2.8 nats
 
 
 @pytest.mark.parametrize(
