@@ -61,7 +61,7 @@ def _channel(p: Tensor, x: Tensor) -> Tensor:
 
 
 def _instance_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance over the spatial dims per (sample, channel), fp32, keepdim."""
+    """Mean and biased variance over the spatial dims per (sample, channel), >= fp32, keepdim."""
     dims, count = _dims(x), _count(x)
     xf = x.to(_acc(x))
     mean = _sum(xf, dims) / count
@@ -90,7 +90,7 @@ def evonorm_b0(
     eps: float,
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """EvoNorm-B0 forward. Returns (y, instance mean, instance var, batch var), stats in fp32."""
+    """EvoNorm-B0 forward: (y, instance mean, instance var, batch var), stats in >= fp32."""
     _check(x, weight.numel(), "EvoNormB0")
     xs = _spatial(x)
     mean_i, var_i = _instance_moments(xs)
@@ -226,7 +226,7 @@ class EvoNormB0(nn.Module):
 
 
 def _group_stats(xs: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
-    """Per-(sample, group) mean and std, repeated per channel as (N, C, 1, ...) fp32."""
+    """Per-(sample, group) mean and std, repeated per channel as (N, C, 1, ...), >= fp32."""
     mean_i, var_i = _instance_moments(xs)
     n, c = xs.shape[:2]
     mi, vi = mean_i.view(n, groups, c // groups), var_i.view(n, groups, c // groups)
@@ -241,7 +241,7 @@ def _group_stats(xs: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
 def evonorm_s0(
     x: Tensor, v: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """EvoNorm-S0 forward. Returns (y, group mean, group std), the stats per channel in fp32."""
+    """EvoNorm-S0 forward: (y, group mean, group std), the stats per channel in >= fp32."""
     _check(x, weight.numel(), "EvoNormS0")
     xs = _spatial(x)
     mean_g, std_g = _group_stats(xs, groups, eps)
