@@ -77,7 +77,14 @@ class CompressionState:
         buffer = bucket.buffer()
         names = [self._names[id(p)] for p in bucket.parameters()]
         job = partial(self._run, buffer, bucket.gradients(), names, bucket.is_last())
-        return self._lane.submit(job, buffer.device)
+        future = self._lane.submit(job, buffer.device)
+        if bucket.is_last():
+            # DDP issues its own collectives on the same group as soon as the last hook
+            # returns (the unused-parameter bitmap): ours must all be issued by then, on
+            # every rank, or the two streams interleave differently. Backward is done by
+            # now and DDP would wait for the buckets anyway, so nothing is lost.
+            future.wait()
+        return future
 
     def _run(self, buffer: Tensor, grads: list[Tensor], names: list[str], last: bool) -> Tensor:
         if self._comm is None:

@@ -15,6 +15,7 @@ its future carries the stream's completion to whoever waits on it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import queue
 import threading
@@ -43,12 +44,21 @@ class Lane:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
+            atexit.register(self.close)
         self._jobs.put((job, device, ready, future))
         return future
 
+    def close(self) -> None:
+        """Stop the thread once the queued jobs are done (also called at exit: a thread
+        still parked when the interpreter finalises makes some builds abort)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
     def _run(self) -> None:
-        while True:
-            job, device, ready, future = self._jobs.get()
+        while (item := self._jobs.get()) is not None:
+            job, device, ready, future = item
             try:
                 with torch.no_grad(), self._stream(device, ready):
                     future.set_result(job())

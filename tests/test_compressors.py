@@ -1,0 +1,226 @@
+"""The compressors' tensor math against independent oracles, and their exchange on a
+one-rank gloo group: lossless settings are exact, lossy ones conserve mass, the
+bytes counted are the bytes formula, and bad input is refused with its key."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from gradlane.compressors import (
+    QSGD,
+    Cast,
+    Comm,
+    Controller,
+    PowerSGD,
+    Slot,
+    TopK,
+    orthogonalize,
+    pack_bits,
+    unpack_bits,
+)
+from gradlane.compressors.qsgd import dequantize, quantize
+from gradlane.compressors.wire import pack, unpack
+
+
+@pytest.fixture(scope="module")
+def comm():
+    """A real one-rank gloo group in this process."""
+    if dist.is_initialized():
+        pytest.skip("another test left a process group initialised")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield Comm()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_bits_round_trip_and_size(bits):
+    gen = torch.Generator().manual_seed(bits)
+    for n in (1, 7, 8, 13, 1000):
+        codes = torch.randint(0, 2**bits, (n,), generator=gen, dtype=torch.uint8)
+        packed = pack_bits(codes, bits)
+        assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n * bits / 8)
+        assert torch.equal(unpack_bits(packed, n, bits), codes)
+
+
+def test_payload_segments_round_trip_aligned():
+    parts = [
+        torch.randn(3),
+        torch.arange(5, dtype=torch.int32),
+        torch.tensor([7, 9], dtype=torch.uint8),
+    ]
+    payload, layout = pack(parts)
+    assert payload.numel() == 12 + 20 + 4 and all(seg.offset % 4 == 0 for seg in layout)
+    for want, got in zip(parts, unpack(payload, layout), strict=True):
+        assert torch.equal(want, got)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_qsgd_is_unbiased_bounded_and_its_expected_error_is_exact(bits):
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(300, generator=gen) * torch.linspace(0.1, 3, 300)
+    s, bucket = 2 ** (bits - 1) - 1, 64
+    draws = 3000
+    total, sq = torch.zeros_like(v), 0.0
+    for _ in range(draws):
+        scales, codes = quantize(v, bits, bucket, gen)
+        assert codes.max() <= 2 * s
+        vhat = dequantize(scales, codes, bits, bucket)
+        step = torch.repeat_interleave(scales / s, bucket)[: v.numel()]
+        assert ((vhat - v).abs() <= step * (1 + 1e-6)).all()  # one quantisation step at most
+        total += vhat
+        sq += float((vhat - v).square().sum())
+    std = torch.repeat_interleave(scales / s, bucket)[: v.numel()] / 2  # >= per-entry std
+    assert ((total / draws - v).abs() <= 5 * std / math.sqrt(draws) + 1e-7).all()
+    expected = float(QSGD(bits, bucket).errors(v, [bits])[0])
+    assert sq / draws == pytest.approx(expected, rel=0.05)
+
+
+def test_topk_errors_are_the_energy_left_out():
+    a = torch.randn(7, 11, generator=torch.Generator().manual_seed(1))
+    for density in (0.05, 0.3, 1.0):
+        k = max(1, round(density * a.numel()))
+        keep = a.abs().flatten().argsort(descending=True)[:k]
+        residual = a.flatten().clone()
+        residual[keep] = 0
+        got = float(TopK(density).errors(a, [density])[0])
+        assert got == pytest.approx(float(residual.double().square().sum()), rel=1e-9, abs=1e-12)
+
+
+def test_powersgd_errors_are_the_best_rank_r_error():
+    a = torch.randn(12, 3, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(a.reshape(12, 15), full_matrices=False)
+    psgd = PowerSGD(4, min_compression_rate=0.0)
+    got = psgd.errors(a, [1, 2, 4, 15])
+    for r, err in zip([1, 2, 4, 15], got, strict=True):
+        best = u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+        assert float(err) == pytest.approx(
+            float((a.reshape(12, 15) - best).square().sum()), abs=1e-9
+        )
+    assert torch.equal(
+        PowerSGD(4).errors(torch.randn(9), [2, 4]), torch.zeros(2, dtype=torch.float64)
+    )
+    # 12 x 15 at rank 4 does not save 2x: sent as is, no error
+    assert float(PowerSGD(4).errors(a.float(), [4])[0]) == 0.0
+
+
+@pytest.mark.parametrize("rank", [1, 2, 5])
+def test_orthogonalize_gives_orthonormal_columns_spanning_the_input(rank):
+    p = torch.randn(40, rank, generator=torch.Generator().manual_seed(rank))
+    original = p.clone()
+    orthogonalize(p)
+    assert torch.allclose(p.t() @ p, torch.eye(rank), atol=1e-5)
+    assert torch.allclose(p @ (p.t() @ original), original, atol=1e-5)
+    zero = torch.zeros(10, rank)
+    orthogonalize(zero)
+    assert torch.isfinite(zero).all()
+
+
+def _slots(shapes, level, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+    return [
+        Slot(f"p{i}", g, g.to(torch.float32, copy=True), level, seed=i) for i, g in enumerate(grads)
+    ]
+
+
+def _id(x) -> str:
+    return x.name if hasattr(x, "name") else str(x)
+
+
+SHAPES = [(16, 8), (5,), (6, 2, 3), (40, 30)]
+LOSSLESS = [
+    (PowerSGD(64, min_compression_rate=0.0), 64),
+    (TopK(1.0), 1.0),
+    (QSGD(32), 32),
+]
+LOSSY = [
+    (PowerSGD(2), 2),
+    (PowerSGD(3), 3),
+    (TopK(0.1), 0.1),
+    (QSGD(2, bucket_size=16), 2),
+    (QSGD(5, bucket_size=16), 5),
+    (Cast("fp16"), 16),
+    (Cast("bf16"), 16),
+]
+
+
+@pytest.mark.parametrize(("compressor", "level"), LOSSLESS, ids=_id)
+def test_lossless_settings_send_the_gradient_itself(comm, compressor, level):
+    slots = _slots(SHAPES, level)
+    want = [s.m.clone() for s in slots]
+    assert compressor.exchange(slots, comm, torch.tensor(False))
+    for s, w in zip(slots, want, strict=True):
+        torch.testing.assert_close(s.grad, w, rtol=1e-5, atol=1e-5)
+        assert s.m.abs().max() <= 1e-5 * w.abs().max()
+
+
+@pytest.mark.parametrize(("compressor", "level"), LOSSY, ids=_id)
+def test_lossy_exchange_conserves_mass_and_counts_its_bytes(comm, compressor, level):
+    slots = _slots(SHAPES, level)
+    want = [s.m.clone() for s in slots]
+    sent = comm.sent
+    assert compressor.exchange(slots, comm, torch.tensor(False))
+    for s, w in zip(slots, want, strict=True):  # applied + residual = M (one rank)
+        torch.testing.assert_close(s.grad + s.m, w, rtol=1e-5, atol=1e-5)
+    assert (torch.cat([s.m.flatten() for s in slots]) != 0).any()  # it really was lossy
+    flag = 2 if isinstance(compressor, Cast) else 4  # one flag entry per bucket
+    formula = sum(compressor.wire_bytes(torch.Size(s), level) for s in SHAPES) + flag
+    assert comm.sent - sent == formula
+
+
+@pytest.mark.parametrize(("compressor", "level"), LOSSLESS + LOSSY, ids=_id)
+def test_a_bad_flag_stops_the_exchange_before_anything_is_written(comm, compressor, level):
+    slots = _slots(SHAPES, level)
+    before = [s.grad.clone() for s in slots]
+    assert not compressor.exchange(slots, comm, torch.tensor(True))
+    for s, b in zip(slots, before, strict=True):
+        assert torch.equal(s.grad, b)
+
+
+def test_a_cast_that_overflows_counts_as_not_finite(comm):
+    slots = _slots([(4, 4)], 16)
+    slots[0].m[0, 0] = 1e6  # beyond fp16's range
+    assert not Cast("fp16").exchange(slots, comm, torch.tensor(False))
+    slots = _slots([(4, 4)], 16)
+    slots[0].m[0, 0] = 1e6  # bf16 has fp32's range
+    assert Cast("bf16").exchange(slots, comm, torch.tensor(False))
+
+
+def test_fp16_gradients_come_back_in_fp16(comm):
+    slots = _slots(SHAPES, 1.0, dtype=torch.float16)
+    want = [s.m.clone() for s in slots]
+    assert TopK(1.0).exchange(slots, comm, torch.tensor(False))
+    for s, w in zip(slots, want, strict=True):
+        assert s.grad.dtype == torch.float16 and torch.equal(s.grad, w.half())
+
+
+@pytest.mark.parametrize(
+    ("make", "key"),
+    [
+        (lambda: PowerSGD(0), "rank=0"),
+        (lambda: PowerSGD(2.5), "rank=2.5"),
+        (lambda: PowerSGD(4, min_compression_rate=-1), "min_compression_rate=-1"),
+        (lambda: TopK(0.0), "density=0.0"),
+        (lambda: TopK(1.5), "density=1.5"),
+        (lambda: QSGD(1), "bits=1"),
+        (lambda: QSGD(9), "bits=9"),
+        (lambda: QSGD(16), "bits=16"),
+        (lambda: QSGD(4, bucket_size=0), "bucket_size=0"),
+        (lambda: Cast("fp8"), "dtype='fp8'"),
+        (lambda: Controller(PowerSGD(4), alpha=0), "alpha=0"),
+        (lambda: Controller(PowerSGD(4), alpha=-1.0), "alpha=-1.0"),
+        (lambda: Controller(PowerSGD(4), adjust_every=0), "adjust_every=0"),
+        (lambda: Controller(PowerSGD(4), accumulate=5, adjust_every=2), "accumulate=5"),
+        (lambda: Controller(PowerSGD(4), start_iter=-1), "start_iter=-1"),
+        (lambda: Controller(PowerSGD(4), bins=0), "bins=0"),
+        (lambda: Controller(QSGD(4), candidates=[2, 9]), "bits=9"),
+    ],
+)
+def test_bad_settings_raise_a_value_error_naming_key_and_value(make, key):
+    with pytest.raises(ValueError, match=re.escape(key)):
+        make()

@@ -1,0 +1,148 @@
+"""L-GreCo: the knapsack DP against brute force, the budget, the schedule, and the
+controller inside 2-process DDP (same levels on every rank, fewer bytes, within budget)."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gradlane.compressors import QSGD, Controller, PowerSGD, TopK, choose, knapsack
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ddp_utils import run_ranks  # noqa: E402
+
+
+def _brute(costs, weights, capacity):
+    """min total cost over all choices with total weight <= capacity (None: nothing fits)."""
+    best = None
+    for pick in itertools.product(range(costs.shape[1]), repeat=costs.shape[0]):
+        rows = range(costs.shape[0])
+        if sum(int(weights[r, c]) for r, c in zip(rows, pick, strict=True)) <= capacity:
+            cost = sum(float(costs[r, c]) for r, c in zip(rows, pick, strict=True))
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_knapsack_finds_the_brute_force_optimum():
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(150):
+        rows, choices = 1 + trial % 5, 1 + trial % 4
+        costs = torch.randint(1, 50, (rows, choices), generator=gen).double()
+        weights = torch.randint(0, 12, (rows, choices), generator=gen)
+        capacity = int(torch.randint(0, 30, (1,), generator=gen))
+        want = _brute(costs, weights, capacity)
+        pick = knapsack(costs, weights, capacity)
+        if want is None:
+            assert pick is None
+            continue
+        assert sum(int(weights[r, c]) for r, c in enumerate(pick)) <= capacity
+        assert sum(float(costs[r, c]) for r, c in enumerate(pick)) == want
+
+
+def test_choice_keeps_to_the_budget_and_beats_no_feasible_alternative_it_could_see():
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(120):
+        rows, choices = 2 + trial % 4, 2 + trial % 3
+        # more bytes, less error: each row's candidates are ordered like compression levels
+        sizes = torch.rand(rows, choices, generator=gen).cumsum(1).double() * 100
+        errors = torch.rand(rows, choices, generator=gen).flip(1).cumsum(1).flip(1).double()
+        errors *= torch.rand(rows, 1, generator=gen).double() * 10  # layers differ in scale
+        default = torch.randint(0, choices, (rows,), generator=gen)
+        alpha = [0.5, 1.0, 1.5][trial % 3]
+        bins = [7, 100, 10000][trial % 3]
+        pick = choose(errors, sizes, default, alpha, bins)
+        r = torch.arange(rows)
+        budget = alpha * float(errors[r, default].sum())
+        feasible = [
+            p
+            for p in itertools.product(range(choices), repeat=rows)
+            if float(errors[r, list(p)].sum()) <= budget
+        ]
+        if not feasible:  # nothing fits: the least error per layer
+            assert torch.equal(pick, errors.argmin(1))
+            continue
+        assert float(errors[r, pick].sum()) <= budget * (1 + 1e-12)
+        optimum = min(float(sizes[r, list(p)].sum()) for p in feasible)
+        assert float(sizes[r, pick].sum()) >= optimum - 1e-9
+        if alpha >= 1:
+            assert float(sizes[r, pick].sum()) <= float(sizes[r, default].sum()) + 1e-9
+        if bins == 10000:  # fine enough here to find the true optimum
+            assert float(sizes[r, pick].sum()) == pytest.approx(optimum)
+
+
+def test_schedule_measures_the_last_steps_before_each_decision():
+    c = Controller(PowerSGD(4), start_iter=10, adjust_every=100, accumulate=3)
+    assert [s for s in range(400) if c.due(s)] == [10, 110, 210, 310]
+    assert [s for s in range(220) if c.accumulating(s)] == [7, 8, 9, 107, 108, 109, 207, 208, 209]
+    c = Controller(PowerSGD(4), start_iter=0, adjust_every=5, accumulate=2)
+    assert [s for s in range(16) if c.due(s)] == [5, 10, 15]  # nothing to measure at step 0
+    assert [s for s in range(16) if c.accumulating(s)] == [3, 4, 8, 9, 13, 14]
+
+
+def test_candidates_surround_the_default():
+    assert Controller(PowerSGD(4)).candidates == [2, 3, 4, 5, 6, 7, 8]
+    assert Controller(QSGD(5)).candidates == [2, 3, 4, 5, 6, 8]
+    assert Controller(TopK(0.01)).candidates == [0.0025, 0.005, 0.01, 0.02, 0.04]
+    assert Controller(PowerSGD(4), candidates=[1, 16]).candidates == [1, 4, 16]
+
+
+class Layers(nn.Module):
+    """Fed inputs of rank 2, the first layer's gradient has rank 2 (lower levels cost it
+    nothing) while the others' are full rank and differ in scale: levels should differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(24, 48)
+        self.mid = nn.Linear(48, 48)
+        self.last = nn.Linear(48, 32)
+
+    def forward(self, x):
+        x = torch.tanh(self.first(x))
+        x = torch.tanh(self.mid(x) + torch.randn_like(x)) * 0.05
+        return self.last(x)
+
+
+def _lgreco_ranks(rank, world, compressor, outdir):
+    from gradlane import register_comm_hook
+
+    torch.manual_seed(0)
+    model = Layers()
+    ddp = DDP(model, bucket_cap_mb=0.004)
+    cfg = {"hook": "lgreco", "compressor": compressor, "start_iter": 2, "adjust_every": 4}
+    cfg |= {"accumulate": 2, "alpha": 1.0, "rank": 4, "density": 0.1, "bits": 4}
+    hook = register_comm_hook(ddp, cfg)
+    state = hook.state
+    gen = torch.Generator().manual_seed(rank)
+    basis = torch.randn(2, 24, generator=torch.Generator().manual_seed(9))
+    seen = []
+    for _ in range(11):
+        x = torch.randn(32, 2, generator=gen) @ basis
+        ddp(x).square().mean().backward()
+        model.zero_grad()
+        seen.append((dict(state.levels), hook.metrics()))
+    if rank == 0:
+        state.save_artifacts(Path(outdir))
+    default = state.compressor.default
+    uniform = sum(state.compressor.wire_bytes(s, default) for s in state.shapes.values())
+    chosen = sum(state.compressor.wire_bytes(s, state.levels[n]) for n, s in state.shapes.items())
+    return {"seen": seen, "uniform": uniform, "chosen": chosen, "last": state.controller.last}
+
+
+@pytest.mark.parametrize("compressor", ["powersgd", "topk", "qsgd"])
+def test_controller_in_ddp_agrees_across_ranks_and_saves_bytes_within_budget(compressor, tmp_path):
+    r0, r1 = run_ranks(_lgreco_ranks, 2, compressor, str(tmp_path))
+    for (levels0, m0), (levels1, m1) in zip(r0["seen"], r1["seen"], strict=True):
+        assert levels0 == levels1  # the same decision everywhere
+        assert m0["comm/bytes_per_step"] == m1["comm/bytes_per_step"]
+    _, metrics = r0["seen"][-1]
+    assert metrics["comm/lgreco_decisions"] == 3  # steps 2, 6, 10
+    assert r0["last"]["error_ratio"] <= 1.0 + 1e-9  # alpha = 1
+    assert r0["chosen"] < r0["uniform"]  # the layers' gradients differ: levels differ
+    assert r0["last"]["bytes_ratio"] == pytest.approx(r0["uniform"] / r0["chosen"])
+    assert (tmp_path / "comm_levels.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
