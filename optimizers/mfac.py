@@ -153,6 +153,11 @@ class MFAC(torch.optim.Optimizer):
         params = self._trainable()
         if not params:
             raise ValueError("MFAC got no parameters that require grad")
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"MFAC needs all parameters on one device, got {sorted(map(str, devices))}"
+            )
         n = sum(p.numel() for p in params)
         shard = plan(n, self._declared, self.shard_window, self.process_group)
         device = params[0].device
