@@ -21,7 +21,7 @@ A new gradient replaces the oldest slot j, which changes one row and column of K
 
 * window full: K^{-1} is updated in O(m^2) -- remove slot j (a rank-1 downdate,
   a Schur complement) and insert the new gradient (a rank-1 update whose pivot
-  s = K'_jj - b^T K_{-j}^{-1} b is provably >= k*damp; a smaller computed s means
+  s = K'_jj - b^T K_{-j}^{-1} b is provably >= k*damp; a computed s below k*damp/2 means
   rounding has eaten the precision, and the step falls back to refactoring);
 * the column of K^{-1} used for the step then gets one step of iterative refinement
   against K itself (two more O(m^2) products): the explicit-inverse updates lose
