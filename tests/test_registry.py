@@ -61,7 +61,12 @@ def installed_plugin(tmp_path, monkeypatch):
         """)
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    return tmp_path
+    yield tmp_path
+    from gradlane.comm import COMM_HOOKS
+    from gradlane.optim import OPTIMIZERS
+
+    for registry in (COMM_HOOKS, OPTIMIZERS):  # forget the plugin for the following tests
+        registry.refresh()
 
 
 def test_builtin_lookup_and_typo_error():
