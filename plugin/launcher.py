@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import compose, flatten, to_yaml
 from .errors import ConfigError
+from .recipe import WorkerContext
 from .tracking import Tracker, default_uri
 
 RUN_FILE = "run.json"
@@ -79,6 +80,7 @@ def prepare(recipe: str, file: Path | None, overrides: list[str]) -> tuple[DictC
         base["resume"] = str(run_dir)
     recipe_cfg = RECIPES.get(recipe).config
     cfg = compose(recipe_cfg, file, [*overrides, f"run.recipe={recipe}"], base=base)
+    _dry_build(cfg)
     if checkpoint is not None:
         written = len(list(checkpoint.glob("rank*.pt")))
         if written != cfg.trainer.num_workers:
@@ -87,6 +89,23 @@ def prepare(recipe: str, file: Path | None, overrides: list[str]) -> tuple[DictC
                 f"written by {written} workers; resume with trainer.num_workers={written}"
             )
     return cfg, checkpoint
+
+
+def _dry_build(cfg: DictConfig) -> None:
+    """Build the recipe's task once on the driver, so that its own checks of the
+    `model` and `data` sections fail here (exit code 2) rather than in a worker."""
+    import torch
+
+    from gradlane.recipes import RECIPES
+
+    device = torch.device("cuda" if cfg.trainer.use_gpu else "cpu")
+    ctx = WorkerContext(0, cfg.trainer.num_workers, device, cfg.run.seed)
+    try:
+        RECIPES.get(cfg.run.recipe).build(cfg, ctx)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{cfg.run.recipe} recipe: {exc}") from exc
 
 
 def _start_ray(cfg: DictConfig) -> bool:

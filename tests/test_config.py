@@ -81,6 +81,9 @@ def _assert_rejected(proc, expected: str, cwd: Path):
         (["run", "lm", "optimizer.name=nope"], "unknown optimizer 'nope'"),
         (["run", "lm", "-c", "missing.yaml"], "config file 'missing.yaml' does not exist"),
         (["run", "lm", "oops"], "override 'oops' is not of the form key=value"),
+        (["run", "vision", "model.norm=groupnorm"], "unknown model.norm 'groupnorm'"),
+        (["run", "lm", "model.d_model=30"], "model.d_model=30 must be divisible by model.n_head"),
+        (["run", "lm", "data.batch_size=0"], "data.batch_size=0 must be >= 1"),
         (["run", "lm", "resume=nowhere"], "resume='nowhere' is neither a gradlane run"),
         (
             ["run", "lm", "trainer.num_workers=64", "ray.num_cpus=2"],
