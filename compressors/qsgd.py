@@ -28,7 +28,12 @@ RAW = 32  # bits=32: the values themselves
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """Pack codes in [0, 2^bits) into ceil(n bits / 8) bytes, least significant bit first."""
+    """Pack codes in [0, 2^bits) into ceil(n bits / 8) bytes, least significant bit first
+    (code i occupies bits i*bits .. i*bits + bits - 1 of the stream)."""
+    if 8 % bits == 0:  # whole codes per byte: shift and add
+        per = 8 // bits
+        grouped = F.pad(codes.to(torch.uint8), (0, -codes.numel() % per)).view(-1, per)
+        return (grouped << _arange(per, codes.device) * bits).sum(1, dtype=torch.uint8)
     planes = (codes.to(torch.uint8).unsqueeze(1) >> _arange(bits, codes.device)) & 1
     flat = planes.reshape(-1)
     flat = F.pad(flat, (0, -flat.numel() % 8))
@@ -37,6 +42,10 @@ def pack_bits(codes: Tensor, bits: int) -> Tensor:
 
 def unpack_bits(packed: Tensor, numel: int, bits: int) -> Tensor:
     """The `numel` codes of `bits` bits that `pack_bits` packed (uint8)."""
+    if 8 % bits == 0:
+        per = 8 // bits
+        codes = (packed.unsqueeze(1) >> _arange(per, packed.device) * bits) & (2**bits - 1)
+        return codes.view(-1)[:numel]
     planes = (packed.unsqueeze(1) >> _arange(8, packed.device)) & 1
     planes = planes.reshape(-1)[: numel * bits].view(numel, bits)
     return (planes << _arange(bits, packed.device)).sum(1, dtype=torch.uint8)
