@@ -66,12 +66,10 @@ class Compressor:
         Writes the mean over ranks into each `slot.grad` and the residual into
         `slot.m`. `bad` (a bool tensor) says this rank's gradients are not finite;
         it rides along with the first collective, and when any rank raised it the
-        exchange stops and returns False on every rank, having written nothing.
+        exchange stops and returns False on every rank before writing any `grad`
+        (`slot.m` is scratch: the caller keeps the old residual).
         """
         raise NotImplementedError
-
-    def resize(self, name: str, shape: torch.Size, old: Level, new: Level) -> None:
-        """Adapt per-layer state when the controller moves a layer from `old` to `new`."""
 
     def state_dict(self) -> dict:
         return {}
