@@ -152,7 +152,9 @@ class Controller:
             dtype=torch.float64,
         )
         default = torch.full((len(names),), cands.index(self.compressor.default))
-        picks = torch.tensor([cands.index(levels[n]) for n in names])
+        picks = torch.tensor(
+            [cands.index(levels[n]) if levels[n] in cands else int(default[0]) for n in names]
+        )
         if comm.rank == 0 and seen.any():
             picks[seen] = choose(errors[seen], sizes[seen], default[seen], self.alpha, self.bins)
         shared = picks.to(device)

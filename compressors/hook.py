@@ -15,6 +15,7 @@ all-reduces. A bucket whose gradients are not finite on any rank falls back to a
 plain all-reduce for that step and leaves the error feedback untouched.
 """
 
+import weakref
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -67,6 +68,7 @@ class CompressionState:
         self.step = 0
         self.nonfinite_steps = 0
         self._lane = Lane()
+        weakref.finalize(self, self._lane.close)  # when the state goes, or at exit
         self._comm: Comm | None = None
         self._open = False
         self._stats = StepStats()

@@ -15,7 +15,6 @@ its future carries the stream's completion to whoever waits on it.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import queue
 import threading
@@ -44,17 +43,17 @@ class Lane:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
-            atexit.register(self.close)
         self._jobs.put((job, device, ready, future))
         return future
 
     def close(self) -> None:
-        """Stop the thread once the queued jobs are done (also called at exit: a thread
-        still parked when the interpreter finalises makes some builds abort)."""
-        if self._thread is not None:
+        """Stop the thread once the queued jobs are done. Call it before the interpreter
+        exits: a thread still parked then makes the process abort at exit now and then."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
             self._jobs.put(None)
-            self._thread.join()
-            self._thread = None
+            if thread is not threading.current_thread():
+                thread.join()
 
     def _run(self) -> None:
         while (item := self._jobs.get()) is not None:
