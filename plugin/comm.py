@@ -138,29 +138,29 @@ def _lgreco(
             f"comm.compressor={compressor!r} is not one of {', '.join(LGRECO_COMPRESSORS)}"
             + closest(compressor, LGRECO_COMPRESSORS)
         )
-    family = {
-        "powersgd": lambda: PowerSGD(rank, min_compression_rate, seed),
-        "topk": lambda: TopK(density),
-        "qsgd": lambda: QSGD(bits, bucket_size),
-    }[compressor]()
-    levels = _parse_levels(candidates, float if compressor == "topk" else int)
+    if compressor == "powersgd":
+        family = PowerSGD(rank, min_compression_rate, seed)
+    elif compressor == "topk":
+        family = TopK(density)
+    else:
+        family = QSGD(bits, bucket_size)
     state = LGrecoState(
         model,
         family,
         process_group,
-        start_iter,
-        adjust_every,
-        accumulate,
-        alpha,
-        bins,
-        levels,
-        seed,
+        start_iter=start_iter,
+        adjust_every=adjust_every,
+        accumulate=accumulate,
+        alpha=alpha,
+        bins=bins,
+        candidates=_parse_levels(candidates, float if compressor == "topk" else int),
+        seed=seed,
     )
     return state, lgreco_hook
 
 
 def _parse_levels(text: str, kind: type) -> list | None:
-    """ "2, 4,8" -> [2, 4, 8]; "" -> None (the compressor's own candidates)."""
+    """Parse "2, 4,8" into [2, 4, 8]; "" gives None (the compressor's own candidates)."""
     if not text.strip():
         return None
     try:
