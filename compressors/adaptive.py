@@ -173,7 +173,8 @@ class Controller:
         return {n: cands[int(p)] for n, p in zip(names, picks, strict=True)}
 
     def state_dict(self) -> dict:
-        return {"accum": dict(self.accum), "decisions": self.decisions, "last": dict(self.last)}
+        accum = {n: a.clone() for n, a in self.accum.items()}  # these grow in place
+        return {"accum": accum, "decisions": self.decisions, "last": dict(self.last)}
 
     def load_state_dict(self, state: dict) -> None:
         self.accum = dict(state["accum"])
