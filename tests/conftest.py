@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,10 +52,3 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 def gradlane_cli():
     """The `gradlane` command as a function: gradlane_cli("list") -> CompletedProcess."""
     return run_cli
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

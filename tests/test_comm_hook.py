@@ -11,12 +11,11 @@ import copy
 import io
 import math
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from mp_utils import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -24,9 +23,6 @@ import gradlane
 from gradlane.comm import COMM_HOOKS, register_comm_hook
 from gradlane.compressors import compression_hook
 from gradlane.errors import ConfigError
-
-sys.path.insert(0, str(Path(__file__).parent))
-from ddp_utils import run_ranks  # noqa: E402
 
 
 class Net(nn.Module):

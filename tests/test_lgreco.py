@@ -4,18 +4,15 @@ controller inside 2-process DDP (same levels on every rank, fewer bytes, within 
 from __future__ import annotations
 
 import itertools
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from mp_utils import run_ranks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gradlane.compressors import QSGD, Controller, PowerSGD, TopK, choose, knapsack
-
-sys.path.insert(0, str(Path(__file__).parent))
-from ddp_utils import run_ranks  # noqa: E402
 
 
 def _brute(costs, weights, capacity):

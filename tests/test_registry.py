@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import free_port
+from mp_utils import free_port
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 

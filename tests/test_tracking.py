@@ -11,8 +11,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import TINY_LM, free_port
+from conftest import TINY_LM
 from mlflow.tracking import MlflowClient
+from mp_utils import free_port
 
 from gradlane.launcher import run
 from gradlane.tracking import Tracker

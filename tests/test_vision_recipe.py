@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from ddp_utils import run_ranks
+from mp_utils import run_ranks
 
 from gradlane.comm import COMM_HOOKS, register_comm_hook
 from gradlane.config import compose
