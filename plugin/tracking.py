@@ -30,8 +30,9 @@ def default_uri(output_dir: Path) -> str:
 def _client(uri: str):
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter
     from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no schema-migration chatter
 
     return MlflowClient(tracking_uri=uri)
 
