@@ -48,7 +48,7 @@ class PowerSGD(Compressor):
 
     name = "powersgd"
 
-    def __init__(self, rank: int = 4, min_compression_rate: float = 2.0, seed: int = 0):
+    def __init__(self, rank: int = 16, min_compression_rate: float = 2.0, seed: int = 0):
         self.default = self.check(rank)
         if isinstance(min_compression_rate, bool) or not min_compression_rate >= 0:
             raise ValueError(f"min_compression_rate={min_compression_rate!r} must be >= 0")

@@ -36,7 +36,7 @@ def _torch_fp16(model: nn.Module, process_group=None):
 def _torch_powersgd(
     model: nn.Module,
     process_group=None,
-    rank: int = 4,
+    rank: int = 16,
     start_iter: int = 10,
     warm_start: bool = True,
     min_compression_rate: float = 2.0,
@@ -72,7 +72,7 @@ def _bf16(model: nn.Module, process_group=None, start_iter: int = 0):
 def _powersgd(
     model: nn.Module,
     process_group=None,
-    rank: int = 4,
+    rank: int = 16,
     start_iter: int = 10,
     min_compression_rate: float = 2.0,
     seed: int = 0,
@@ -113,7 +113,7 @@ def _lgreco(
     model: nn.Module,
     process_group=None,
     compressor: str = "powersgd",
-    rank: int = 4,
+    rank: int = 16,
     density: float = 0.01,
     bits: int = 4,
     bucket_size: int = 128,
