@@ -258,12 +258,7 @@ def check_factories(cfg: DictConfig) -> None:
     name = comm.pop("hook")
     factory = COMM_HOOKS.get(name)
     params = bind_params("comm", name, factory, comm)
-    try:
-        build_scheduler(cfg.optimizer, build_optimizer(cfg.optimizer, probe.parameters()), 1)
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        raise ConfigError(f"optimizer {cfg.optimizer.name!r}: {exc}") from exc
+    build_scheduler(cfg.optimizer, build_optimizer(cfg.optimizer, probe.parameters()), 1)
     try:
         factory(probe, None, **params)
     except ConfigError:

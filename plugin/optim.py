@@ -8,6 +8,7 @@ An optimizer factory is called as `factory(params, **settings)` and returns a
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
@@ -45,39 +46,13 @@ def _adamw(
     )
 
 
-def _mfac(
-    params,
-    lr: float = 1e-3,
-    ngrads: int = 1024,
-    damp: float = 1e-2,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    decoupled_weight_decay: bool = False,
-    window_dtype: str = "float32",
-    shard_window: bool = False,
-):
-    """M-FAC: SGD preconditioned by the inverse Fisher of the last `ngrads` gradients."""
-    from gradlane.optimizers import MFAC
-
-    try:
-        return MFAC(
-            params,
-            lr=lr,
-            ngrads=ngrads,
-            damp=damp,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay,
-            window_dtype=window_dtype,
-            shard_window=shard_window,
-        )
-    except ValueError as exc:  # MFAC names the bad setting as "key=value ..."
-        raise ConfigError(f"optimizer.{exc}") from None
-
-
 OPTIMIZERS.add("sgd", _sgd)
 OPTIMIZERS.add("adamw", _adamw)
-OPTIMIZERS.add("mfac", _mfac)
+OPTIMIZERS.add(
+    "mfac",
+    "gradlane.optimizers:MFAC",
+    "M-FAC: SGD preconditioned by the inverse Fisher of the last `ngrads` gradients",
+)
 
 SCHEDULE_KEYS = ("schedule", "warmup_steps", "min_lr_ratio")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -92,7 +67,13 @@ def build_optimizer(cfg: Any, params) -> torch.optim.Optimizer:
     lr = settings.get("lr")
     if lr is not None and lr < 0:
         raise ConfigError(f"optimizer.lr={lr!r} must be >= 0")
-    return factory(params, **settings)
+    try:
+        return factory(params, **settings)
+    except ConfigError:
+        raise
+    except ValueError as exc:  # the optimizer's own check, e.g. "ngrads=0 must be ..."
+        where = "optimizer." if re.match(r"\w+=", str(exc)) else f"optimizer {name!r}: "
+        raise ConfigError(f"{where}{exc}") from None
 
 
 def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int):
