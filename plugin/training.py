@@ -10,7 +10,6 @@ continues exactly as the uninterrupted run would have.
 
 from __future__ import annotations
 
-import io
 import random
 import tempfile
 import time
@@ -207,5 +206,6 @@ def _send_artifacts(task, model, hook, progress) -> None:
 
 def load_model_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """The model state dict stored in a gradlane checkpoint directory."""
-    data = (Path(checkpoint_dir) / MODEL_FILE).read_bytes()
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)["model"]
+    return torch.load(Path(checkpoint_dir) / MODEL_FILE, map_location="cpu", weights_only=False)[
+        "model"
+    ]
