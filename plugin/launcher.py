@@ -284,28 +284,17 @@ def _train(cfg, run_dir: Path, tracker: Tracker, checkpoint, show_progress: bool
         dynamic_ncols=True,
     )  # fmt: skip
     last: dict[str, float] = {}
-    while True:
-        alive = thread.is_alive()
-        for record in ray.get(progress.drain.remote()):
-            step = int(record.pop("step"))
-            if "resumed_from" in record:
-                bar.reset(total=cfg.run.steps)
-                bar.update(step)
-                continue
-            tracker.log_metrics(step, record)
-            last.update(record)
-            bar.update(max(0, step - bar.n))
-            bar.set_postfix(_postfix(last), refresh=False)
-        tracker.flush()
-        if not alive:
-            break
-        time.sleep(0.5)
+    try:
+        _follow(thread, progress, tracker, bar, last, cfg.run.steps)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")  # the MLflow run says what happened; checkpoints stay
+        raise
     bar.close()
     wall = time.time() - start
 
     if "error" in outcome:
         tracker.finish("FAILED")
-        raise TrainingFailed(f"training failed: {_first_line(outcome['error'])}") from outcome[
+        raise TrainingFailed(f"training failed: {_summary_line(outcome['error'])}") from outcome[
             "error"
         ]
     result = outcome["result"]
@@ -315,11 +304,34 @@ def _train(cfg, run_dir: Path, tracker: Tracker, checkpoint, show_progress: bool
     return RunResult(run_dir, tracker.run_id, tracker.uri, ckpt, last, wall)
 
 
+def _follow(thread, progress, tracker: Tracker, bar, last: dict, steps: int) -> None:
+    """Drain rank 0's records into the bar, metrics.jsonl and MLflow until fit() ends."""
+    import ray
+
+    while True:
+        alive = thread.is_alive()
+        for record in ray.get(progress.drain.remote()):
+            step = int(record.pop("step"))
+            if "resumed_from" in record:
+                bar.reset(total=steps)
+                bar.update(step)
+                continue
+            tracker.log_metrics(step, record)
+            last.update(record)
+            bar.update(max(0, step - bar.n))
+            bar.set_postfix(_postfix(last), refresh=False)
+        tracker.flush()
+        if not alive:
+            return
+        time.sleep(0.5)
+
+
 class TrainingFailed(RuntimeError):
     """Training raised on the workers (after any restarts allowed by max_failures)."""
 
 
-def _first_line(exc: BaseException) -> str:
+def _summary_line(exc: BaseException) -> str:
+    """The last line of an exception's text: for a worker traceback, the error itself."""
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__
 
