@@ -42,9 +42,15 @@ class RunResult:
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint directory of a run (highest step)."""
-    found = [p for p in run_dir.glob(CHECKPOINT_GLOB) if (p / "model.pt").exists()]
-    return max(found, key=lambda p: int(p.name.rsplit("_", 1)[1]), default=None)
+    """The newest complete checkpoint of a run: highest step with the model and the
+    state of every rank (a directory cut short by a crash is passed over)."""
+    workers = OmegaConf.load(run_dir / "config.yaml").trainer.num_workers
+    complete = [
+        p
+        for p in run_dir.glob(CHECKPOINT_GLOB)
+        if (p / "model.pt").exists() and all((p / f"rank{r}.pt").exists() for r in range(workers))
+    ]
+    return max(complete, key=lambda p: int(p.name.rsplit("_", 1)[1]), default=None)
 
 
 def resolve_resume(path: str) -> tuple[Path, Path]:

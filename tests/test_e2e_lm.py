@@ -77,7 +77,12 @@ def test_resume_a_crashed_run_reproduces_uninterrupted(reference, tmp_path):
     with pytest.raises(TrainingFailed, match="injected failure"):
         run("lm", crash, show_progress=False)
     run_dir = tmp_path / "crash"
-    assert latest_checkpoint(run_dir).name == "checkpoint_00000008"
+    good = latest_checkpoint(run_dir)
+    assert good.name == "checkpoint_00000008"
+    partial = good.with_name("checkpoint_00000009")  # as if a crash cut its upload short
+    partial.mkdir()
+    shutil.copy(good / "model.pt", partial / "model.pt")
+    assert latest_checkpoint(run_dir) == good
     status = MlflowClient(json.loads((run_dir / "run.json").read_text())["tracking_uri"])
     run_id = json.loads((run_dir / "run.json").read_text())["run_id"]
     assert status.get_run(run_id).info.status == "FAILED"
