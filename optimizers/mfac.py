@@ -83,6 +83,13 @@ class MFAC(torch.optim.Optimizer):
     all-reduced (F is the whole model's Fisher), with no gather (ZeRO gathers the
     parameters itself).
 
+    The parameters the window covers are fixed at the first step (the next one after
+    `load_state_dict`): those whose ``requires_grad`` is then True. Freezing or unfreezing
+    parameters between building the optimizer and that step is fine (under DDP too: the
+    window stays replicated or sliced); changing ``requires_grad`` later would change the
+    window's columns and raises a ValueError: build a new optimizer. A ZeRO partition is
+    recognised by identity: the wrapper hands the optimizer tensors it was not built with.
+
     Parameters without a gradient at a step contribute zeros to that window gradient and
     are not updated. A gradient whose dot products are not finite (a NaN or inf in g), or
     one that would leave K numerically singular (damp far too small for the gradients'
@@ -125,16 +132,18 @@ class MFAC(torch.optim.Optimizer):
             "weight_decay": weight_decay,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
-        super().__init__(params, defaults)
-        self._declared = sum(p.numel() for p in self._trainable())
-        self._params: list[torch.Tensor] | None = None
+        # set before super().__init__, which calls add_param_group
+        self._built_with: list[torch.Tensor] = []  # every parameter added, kept for identity
+        self._params: list[tuple[torch.Tensor, dict]] | None = None  # fixed at the first step
         self._shard: Shard | None = None
+        super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
-        if getattr(self, "_params", None) is not None:
+        if self._params is not None:
             raise ValueError("MFAC.add_param_group after the first step would reshape the window")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        self._built_with.extend(group["params"])
         lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
         _require(_is_number(lr) and 0 <= lr < math.inf, "lr", lr, "must be >= 0")
         _require(_is_number(mom) and 0 <= mom < 1, "momentum", mom, "must be in [0, 1)")
@@ -145,12 +154,40 @@ class MFAC(torch.optim.Optimizer):
         """Steps whose gradient was rejected (not finite, or a singular window system)."""
         return self.state[STATE_KEY]["skipped"] if STATE_KEY in self.state else 0
 
-    def _trainable(self) -> list[torch.Tensor]:
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+    def _trainable(self) -> list[tuple[torch.Tensor, dict]]:
+        """(parameter, its group) for every parameter with requires_grad, in order."""
+        return [(p, g) for g in self.param_groups for p in g["params"] if p.requires_grad]
+
+    def _where(self, p: torch.Tensor) -> str:
+        """Where `p` sits in param_groups, for error messages."""
+        for g, group in enumerate(self.param_groups):
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    return f"param_groups[{g}]['params'][{i}] of shape {tuple(p.shape)}"
+        return f"a removed parameter of shape {tuple(p.shape)}"
+
+    def _check_trainable(self) -> None:
+        """Raise if requires_grad changed since the window's parameters were fixed."""
+        now = [p for p, _ in self._trainable()]
+        now_ids, fixed_ids = {id(p) for p in now}, {id(p) for p, _ in self._params}
+        if now_ids == fixed_ids:
+            return
+        frozen = [self._where(p) for p, _ in self._params if id(p) not in now_ids]
+        thawed = [self._where(p) for p in now if id(p) not in fixed_ids]
+        what = [
+            f"{label}: {', '.join(names)}"
+            for label, names in (("now frozen", frozen), ("now trainable", thawed))
+            if names
+        ]
+        raise ValueError(
+            f"MFAC: the trainable parameters changed after the first step ({'; '.join(what)}); "
+            "build a new optimizer"
+        )
 
     def _setup(self) -> None:
-        """Fix the flattening order and this rank's columns; create or check the window."""
-        params = self._trainable()
+        """Fix the parameters, their order and this rank's columns; create or check the window."""
+        held = self._trainable()
+        params = [p for p, _ in held]
         if not params:
             raise ValueError("MFAC got no parameters that require grad")
         devices = {p.device for p in params}
@@ -159,7 +196,10 @@ class MFAC(torch.optim.Optimizer):
                 f"MFAC needs all parameters on one device, got {sorted(map(str, devices))}"
             )
         n = sum(p.numel() for p in params)
-        shard = plan(n, self._declared, self.shard_window, self.process_group)
+        # a ZeRO wrapper swaps in its own flat partitions for the parameters we were built with
+        built_with = {id(p) for p in self._built_with}
+        partitioned = not any(id(p) in built_with for p in params)
+        shard = plan(n, partitioned, self.shard_window, self.process_group)
         device = params[0].device
         shape = (self.ngrads, shard.hi - shard.lo)
         state = self.state.get(STATE_KEY)
@@ -176,7 +216,7 @@ class MFAC(torch.optim.Optimizer):
             if torch.is_tensor(value):
                 state[key] = value.to(device)
         self.state[STATE_KEY] = state
-        self._params, self._shard = params, shard
+        self._params, self._shard = held, shard
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -193,41 +233,35 @@ class MFAC(torch.optim.Optimizer):
         """Flattened gradient (coupled weight decay added), zeros where .grad is None."""
         pieces, found = [], False
         dtype = torch.float32
-        for group in self.param_groups:
+        for p, group in self._params:
             wd = 0.0 if group["decoupled_weight_decay"] else group["weight_decay"]
-            for p in group["params"]:
-                if not p.requires_grad:
-                    continue
-                dtype = torch.promote_types(dtype, p.dtype)
-                if p.grad is None:
-                    pieces.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError("MFAC does not support sparse gradients")
-                found = True
-                grad = p.grad.reshape(-1)
-                pieces.append(grad + wd * p.reshape(-1) if wd else grad)
+            dtype = torch.promote_types(dtype, p.dtype)
+            if p.grad is None:
+                pieces.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
+                continue
+            if p.grad.is_sparse:
+                raise ValueError("MFAC does not support sparse gradients")
+            found = True
+            grad = p.grad.reshape(-1)
+            pieces.append(grad + wd * p.reshape(-1) if wd else grad)
         return torch.cat([x.to(dtype) for x in pieces]) if found else None
 
     def _apply(self, update: torch.Tensor) -> None:
         offset = 0
-        for group in self.param_groups:
+        for p, group in self._params:
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if not p.requires_grad:
-                    continue
-                d = update[offset : offset + p.numel()].view_as(p)
-                offset += p.numel()
-                if p.grad is None:
-                    continue
-                if group["decoupled_weight_decay"] and wd:
-                    p.mul_(1 - lr * wd)
-                if mom:
-                    buf = self.state[p].get("momentum_buffer")
-                    if buf is None:
-                        buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                    d = buf.mul_(mom).add_(d)
-                p.add_(d.to(p.dtype), alpha=-lr)
+            d = update[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+            if p.grad is None:
+                continue
+            if group["decoupled_weight_decay"] and wd:
+                p.mul_(1 - lr * wd)
+            if mom:
+                buf = self.state[p].get("momentum_buffer")
+                if buf is None:
+                    buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                d = buf.mul_(mom).add_(d)
+            p.add_(d.to(p.dtype), alpha=-lr)
 
     def _reject(self, loss, why: str):
         """Skip this step (window untouched), count it, warn (once per reason)."""
@@ -244,6 +278,8 @@ class MFAC(torch.optim.Optimizer):
                 loss = closure()
         if self._params is None:
             self._setup()
+        else:
+            self._check_trainable()
         grad = self._flat_grad()
         if grad is None:
             return loss

@@ -9,8 +9,8 @@ Three layouts, decided once at the first step from the parameters the optimizer 
   with one all-reduce of m+1 numbers, and the slices of the update are all-gathered so
   every rank applies the same full update;
 * partitioned: a wrapper (DeepSpeed ZeRO-1/2) has replaced the parameters by this
-  rank's partition, so the optimizer holds fewer elements than it was built with; the
-  window stores the partition, the dot products are all-reduced and no gather is needed
+  rank's partition, so the optimizer holds tensors it was not built with; the window
+  stores the partition, the dot products are all-reduced and no gather is needed
   (the wrapper all-gathers the parameters itself).
 """
 
@@ -48,14 +48,14 @@ class Shard:
         return torch.cat(pieces)[: self.n]
 
 
-def plan(n: int, declared: int, shard_window: bool, group=None) -> Shard:
-    """The layout for `n` local gradient elements of an optimizer built with `declared`."""
+def plan(n: int, partitioned: bool, shard_window: bool, group=None) -> Shard:
+    """The layout for `n` local gradient elements; `partitioned`: a wrapper's partition."""
     if not (dist.is_available() and dist.is_initialized()):
         return Shard("dense", 0, n, n)
     world = dist.get_world_size(group)
     if world == 1:
         return Shard("dense", 0, n, n)
-    if n < declared:
+    if partitioned:
         return Shard("partitioned", 0, n, n, group=group)
     if not shard_window:
         return Shard("dense", 0, n, n)

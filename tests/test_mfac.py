@@ -238,3 +238,38 @@ def test_bad_settings_raise_a_one_line_value_error(kwargs, key):
     assert type(info.value) is ValueError
     message = str(info.value)
     assert message.startswith(key) and "\n" not in message
+
+
+def test_freezing_before_the_first_step_equals_an_optimizer_built_without_the_frozen():
+    model, batches = _model_and_batches(0)
+    twin, _ = _model_and_batches(0)
+    opt = MFAC(model.parameters(), lr=0.01, ngrads=4)
+    model[0].bias.requires_grad_(False)  # after building the optimizer, before its first step
+    twin[0].bias.requires_grad_(False)
+    twin_opt = MFAC([p for p in twin.parameters() if p.requires_grad], lr=0.01, ngrads=4)
+    _train(model, opt, batches[:6])
+    _train(twin, twin_opt, batches[:6])
+    assert opt.state["mfac"]["rows"].shape == (4, 6 * 16 + 16 * 2 + 2)  # no column for the bias
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("which,change", [(0, "now frozen"), (2, "now trainable")])
+def test_changing_requires_grad_after_the_first_step_raises_a_clear_error(which, change):
+    model, batches = _model_and_batches(0)
+    if change == "now trainable":
+        model[2].weight.requires_grad_(False)
+    opt = MFAC(model.parameters(), lr=0.01, ngrads=4)
+    _train(model, opt, batches[:2])
+    before = [p.detach().clone() for p in model.parameters()]
+    model[which].weight.requires_grad_(change == "now trainable")
+    with pytest.raises(ValueError) as info:
+        _train(model, opt, batches[2:3])
+    message = str(info.value)
+    assert type(info.value) is ValueError and "\n" not in message
+    assert message.startswith("MFAC: the trainable parameters changed after the first step")
+    shape = tuple(model[which].weight.shape)
+    assert f"{change}: param_groups[0]['params'][{which}] of shape {shape}" in message
+    assert message.endswith("build a new optimizer")
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)  # nothing was updated

@@ -129,3 +129,46 @@ def test_partitioned_parameters_share_one_fisher_across_ranks():
     for r in run_ranks(partitioned_vs_dense, 2):
         assert r["layout"] == "partitioned" and r["window"] == (5, 47)
         torch.testing.assert_close(r["gathered"], r["dense"], rtol=1e-10, atol=1e-12)
+
+
+def _frozen_model():
+    """_model(fp64) with the first layer's bias frozen (9 of its 93 parameters)."""
+    model = _model(torch.float64)
+    model[0].bias.requires_grad_(False)
+    return model
+
+
+def frozen_after_building(rank, world, shard_window):
+    """Freeze a parameter after building MFAC, before its first step, then train under DDP."""
+    model = _model(torch.float64)
+    opt = MFAC(model.parameters(), window_dtype="float64", shard_window=shard_window, **SETTINGS)
+    model[0].bias.requires_grad_(False)
+    ddp = DDP(model)  # DDP averages the gradients of the trainable parameters only
+    for batch in _batches(rank, torch.float64):
+        _train(ddp, opt, batch)
+    return {
+        "params": torch.cat([p.detach().reshape(-1) for p in model.parameters()]),
+        "layout": opt._shard.layout,
+        "window": tuple(opt.state["mfac"]["rows"].shape),
+    }
+
+
+def test_freezing_before_the_first_step_under_ddp_equals_one_process():
+    # the reference: one process, the frozen parameter never handed to MFAC, each step on
+    # both ranks' batches at once (the mean loss over 8 rows = the mean of the ranks' losses)
+    model = _frozen_model()
+    opt = MFAC(
+        [p for p in model.parameters() if p.requires_grad], window_dtype="float64", **SETTINGS
+    )
+    both = zip(_batches(0, torch.float64), _batches(1, torch.float64), strict=True)
+    for (x0, y0), (x1, y1) in both:
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(torch.cat([x0, x1])), torch.cat([y0, y1])).backward()
+        opt.step()
+    want = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    for shard_window, layout, windows in ((False, "dense", [84, 84]), (True, "sliced", [42, 42])):
+        for r, width in zip(
+            run_ranks(frozen_after_building, 2, shard_window), windows, strict=True
+        ):
+            assert r["layout"] == layout and r["window"] == (5, width)
+            torch.testing.assert_close(r["params"], want, rtol=1e-10, atol=1e-12)
