@@ -10,7 +10,6 @@ from gradlane.recipe import Recipe
 from .train import build
 
 RECIPE = Recipe(
-    name="lm",
     description="byte-level GPT on the Python stdlib sources (train/val loss, bits per byte)",
     config=Path(__file__).with_name("config.yaml"),
     build=build,

@@ -19,7 +19,6 @@ import torch
 class Corpus:
     train: torch.Tensor  # uint8 bytes
     val: torch.Tensor
-    files: tuple[int, int]  # (train files, val files)
 
 
 def stdlib_files(root: Path | None = None) -> list[Path]:
@@ -35,21 +34,21 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
 def load_corpus(max_bytes: int = 8_000_000, val_every: int = 20) -> Corpus:
     """Concatenate files until `max_bytes` of training text (and proportional validation)."""
     if max_bytes < 1 or val_every < 2:
-        raise ValueError(f"data.max_bytes={max_bytes} must be >= 1 and val_every={val_every} >= 2")
+        raise ValueError(
+            f"data.max_bytes={max_bytes} must be >= 1 and data.val_every={val_every} >= 2"
+        )
     parts = {"train": bytearray(), "val": bytearray()}
     caps = {"train": max_bytes, "val": max_bytes // (val_every - 1) + 1}
-    counts = {"train": 0, "val": 0}
     for i, path in enumerate(stdlib_files()):
         split = "val" if i % val_every == val_every - 1 else "train"
         if len(parts[split]) < caps[split]:
             parts[split] += path.read_bytes()
-            counts[split] += 1
         if all(len(parts[k]) >= caps[k] for k in parts):
             break
     train, val = (
         torch.frombuffer(parts[k][: caps[k]], dtype=torch.uint8).clone() for k in ("train", "val")
     )
-    return Corpus(train, val, (counts["train"], counts["val"]))
+    return Corpus(train, val)
 
 
 def windows(data: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:

@@ -44,6 +44,12 @@ class GPT(nn.Module):
         vocab: int = 256,
     ):
         super().__init__()
+        for key, value in (("n_layer", n_layer), ("n_head", n_head), ("d_model", d_model),
+                           ("context", context)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{key}={value!r} must be an integer >= 1")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"model.dropout={dropout!r} must be in [0, 1)")
         if d_model % n_head:
             raise ValueError(f"model.d_model={d_model} must be divisible by model.n_head={n_head}")
         self.context = context
@@ -72,5 +78,12 @@ class GPT(nn.Module):
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Next-byte cross entropy (nats) of a (B, T+1) batch of byte windows."""
-        logits = self(batch[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        return next_byte_loss(self, batch)
+
+
+def next_byte_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy (nats) of predicting batch[:, 1:] from batch[:, :-1].
+
+    `model` may be the GPT or a wrapper of it (DDP), whose forward must run."""
+    logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))

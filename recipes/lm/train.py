@@ -5,31 +5,34 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from gradlane.errors import ConfigError
 from gradlane.recipe import Task, WorkerContext
 
 from .data import eval_batches, load_corpus, random_batch
-from .model import GPT
-
-
-def next_byte_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean cross entropy (nats) of predicting batch[:, 1:] from batch[:, :-1]."""
-    logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+from .model import GPT, next_byte_loss
 
 
 class LMTask(Task):
     def __init__(self, cfg: DictConfig, ctx: WorkerContext):
-        if cfg.data.batch_size < 1:
-            raise ConfigError(f"data.batch_size={cfg.data.batch_size!r} must be >= 1")
+        for key in ("batch_size", "eval_batches"):
+            if cfg.data[key] < 1:
+                raise ConfigError(f"data.{key}={cfg.data[key]!r} must be >= 1")
         try:
             self.model = GPT(**cfg.model)
         except (TypeError, ValueError) as exc:
             raise ConfigError(str(exc)) from exc
-        self.corpus = load_corpus(cfg.data.max_bytes, cfg.data.val_every)
+        try:
+            self.corpus = load_corpus(cfg.data.max_bytes, cfg.data.val_every)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        shortest = min(self.corpus.train.numel(), self.corpus.val.numel())
+        if shortest <= cfg.model.context + 1:
+            raise ConfigError(
+                f"data.max_bytes={cfg.data.max_bytes}: {shortest} bytes of train or validation "
+                f"text cannot hold one window of model.context + 1 = {cfg.model.context + 1}"
+            )
         self.ctx = ctx
         self.batch_size = cfg.data.batch_size
         self.length = cfg.model.context + 1
