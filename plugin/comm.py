@@ -44,10 +44,12 @@ def _torch_powersgd(
     """torch's PowerSGD hook (uniform rank, error feedback), the reference anchor."""
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 
+    if start_iter < 2:
+        raise ValueError(f"start_iter={start_iter!r} must be >= 2 for torch's PowerSGD hook")
     state = psgd.PowerSGDState(
         process_group=process_group,
         matrix_approximation_rank=rank,
-        start_powerSGD_iter=max(start_iter, 2),
+        start_powerSGD_iter=start_iter,
         min_compression_rate=min_compression_rate,
         warm_start=warm_start,
         use_error_feedback=True,
@@ -189,6 +191,7 @@ class CommHook:
         self.name = name
         self.state = state
         self._dense_bytes = dense_bytes(model)
+        self._device = next(model.parameters()).device
 
     def state_dict(self) -> dict[str, Any]:
         if hasattr(self.state, "state_dict"):
@@ -206,6 +209,9 @@ class CommHook:
             group = self.state.process_group
             self.state.__setstate__(dict(state))
             self.state.process_group = group
+            for table in ("error_dict", "p_memory_dict", "q_memory_dict"):
+                tensors = getattr(self.state, table)  # checkpoints load on the CPU
+                tensors.update({k: v.to(self._device) for k, v in tensors.items()})
 
     def metrics(self) -> dict[str, float]:
         """Per-step numbers; plain all-reduce reports its dense payload."""
@@ -220,20 +226,27 @@ class CommHook:
             self.state.save_artifacts(outdir)
 
 
-def register_comm_hook(ddp_model: nn.Module, cfg: Any, process_group=None) -> CommHook:
-    """Build the hook named `cfg.hook` with the rest of `cfg` as its parameters and
-    register it on `ddp_model` (a DistributedDataParallel). Returns its CommHook."""
+def build_comm_state(model: nn.Module, cfg: Any, process_group=None) -> tuple[str, Any, Any]:
+    """(name, state, hook) of the hook named `cfg.hook`, built for `model` with the rest
+    of `cfg` as its parameters; bad names, keys or values raise ConfigError."""
     params = dict(cfg)
     name = params.pop("hook", "none")
     factory = COMM_HOOKS.get(name)
     params = bind_params("comm", name, factory, params)
-    module = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
     try:
-        state, hook = factory(module, process_group, **params)
+        state, hook = factory(model, process_group, **params)
     except ConfigError:
         raise
     except ValueError as exc:  # a compressor's own check names the key and the value
         raise ConfigError(f"comm.{exc}") from exc
+    return name, state, hook
+
+
+def register_comm_hook(ddp_model: nn.Module, cfg: Any, process_group=None) -> CommHook:
+    """Build the hook named `cfg.hook` with the rest of `cfg` as its parameters and
+    register it on `ddp_model` (a DistributedDataParallel). Returns its CommHook."""
+    module = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
+    name, state, hook = build_comm_state(module, cfg, process_group)
     if hook is not None:
         ddp_model.register_comm_hook(state, hook)
     return CommHook(name, state, module)

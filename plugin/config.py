@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, closest
+from .optim import SCHEDULE_KEYS
 
 
 @dataclass
@@ -79,7 +80,6 @@ class Config:
 # chosen factory's keyword parameters (checked against its signature).
 RECIPE_SECTIONS = ("model", "data")
 FACTORY_SECTIONS = {"comm": "hook", "optimizer": "name"}
-SCHEDULE_KEYS = ("schedule", "warmup_steps", "min_lr_ratio")
 TRUSTED = ("recipe", "resumed run config")  # layers that may declare model/data keys
 
 
@@ -112,6 +112,8 @@ def _check_keys(layer: dict[str, Any], recipe_keys: set[str], source: str) -> No
     """Reject keys that belong to no section (names the key and the closest allowed)."""
     for key in _leaves(layer):
         top = key.split(".")[0]
+        if key == "resume" and source != "resumed run config":
+            raise ConfigError(f"resume in {source}: give it on the command line, as resume=PATH")
         if top in FACTORY_SECTIONS or key in SCHEMA or key == "resume":
             continue
         if top in RECIPE_SECTIONS and (key in recipe_keys or source in TRUSTED):
@@ -174,7 +176,7 @@ def compose(
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
 ) -> DictConfig:
-    """Merge defaults <- base (a saved run config) <- recipe yaml <- file <- overrides."""
+    """Merge defaults <- recipe yaml <- base (a resumed run's saved config) <- file <- overrides."""
     layers: list[tuple[str, dict[str, Any]]] = []
     if recipe_yaml is not None:
         layers.append(("recipe", _load_yaml(recipe_yaml, "recipe config")))
@@ -227,6 +229,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r} must be >= 0")
     if cfg.trainer.max_failures < -1:
         raise ConfigError(f"trainer.max_failures={cfg.trainer.max_failures!r} must be >= -1")
+    if cfg.ray.num_cpus is not None and cfg.ray.num_cpus < 1:
+        raise ConfigError(f"ray.num_cpus={cfg.ray.num_cpus!r} must be >= 1 (or null: all CPUs)")
     if cfg.trainer.bucket_cap_mb <= 0:
         raise ConfigError(f"trainer.bucket_cap_mb={cfg.trainer.bucket_cap_mb!r} must be > 0")
     for section, name_key in FACTORY_SECTIONS.items():
@@ -246,25 +250,15 @@ def check_factories(cfg: DictConfig) -> None:
 
     from gradlane.recipes import RECIPES
 
-    from .comm import COMM_HOOKS
+    from .comm import build_comm_state
     from .optim import build_optimizer, build_scheduler
-    from .registry import bind_params
 
     if not cfg.run.recipe:
         raise ConfigError("run.recipe is empty: name a recipe (see `gradlane list`)")
     RECIPES.entry(cfg.run.recipe)
     probe = torch.nn.Linear(2, 2)
-    comm = OmegaConf.to_container(cfg.comm, resolve=True)
-    name = comm.pop("hook")
-    factory = COMM_HOOKS.get(name)
-    params = bind_params("comm", name, factory, comm)
+    build_comm_state(probe, OmegaConf.to_container(cfg.comm, resolve=True))
     build_scheduler(cfg.optimizer, build_optimizer(cfg.optimizer, probe.parameters()), 1)
-    try:
-        factory(probe, None, **params)
-    except ConfigError:
-        raise
-    except ValueError as exc:  # a compressor's own check names the key and the value
-        raise ConfigError(f"comm.{exc}") from exc
 
 
 def to_yaml(cfg: DictConfig) -> str:

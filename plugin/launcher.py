@@ -26,6 +26,7 @@ from .config import compose, flatten, to_yaml
 from .errors import ConfigError
 from .recipe import WorkerContext
 from .tracking import Tracker, default_uri
+from .training import PROGRESS_NAMESPACE
 
 RUN_FILE = "run.json"
 CHECKPOINT_GLOB = "ray/*/checkpoint_*"
@@ -128,7 +129,7 @@ def _start_ray(cfg: DictConfig) -> bool:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise ConfigError(f"ray.address={cfg.ray.address!r}: cannot connect ({exc})") from exc
         return True
-    num_cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+    num_cpus = cfg.ray.num_cpus if cfg.ray.num_cpus is not None else os.cpu_count() or 1
     # Ray's default token auth stays on; only its "auth is enabled" notice is hushed.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
         logging.ERROR
@@ -154,9 +155,6 @@ def _check_capacity(cfg: DictConfig) -> None:
             f"trainer.num_workers={cfg.trainer.num_workers} with trainer.use_gpu=true needs one "
             f"GPU each but the Ray cluster has {have.get('GPU', 0):g}"
         )
-
-
-PROGRESS_NAMESPACE = "gradlane"
 
 
 def _progress_actor(name: str):

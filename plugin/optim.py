@@ -84,8 +84,11 @@ def build_scheduler(cfg: Any, optimizer: torch.optim.Optimizer, total_steps: int
         raise ConfigError(
             f"optimizer.schedule={kind!r} is not allowed; allowed: {', '.join(SCHEDULES)}"
         )
-    warmup = int(cfg.get("warmup_steps", 0))
-    floor = float(cfg.get("min_lr_ratio", 0.0))
+    warmup, floor = cfg.get("warmup_steps", 0), cfg.get("min_lr_ratio", 0.0)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ConfigError(f"optimizer.warmup_steps={warmup!r} must be an integer >= 0")
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 <= floor <= 1:
+        raise ConfigError(f"optimizer.min_lr_ratio={floor!r} must be a number in [0, 1]")
     decay_steps = max(1, total_steps - warmup)
 
     def factor(step: int) -> float:

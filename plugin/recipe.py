@@ -62,7 +62,6 @@ class Task:
 
 @dataclass
 class Recipe:
-    name: str
-    description: str
+    description: str  # one line, shown by `gradlane list`
     config: Path
     build: Callable[[Any, WorkerContext], Task]

@@ -37,9 +37,14 @@ class Entry:
         return self.target
 
     def summary(self) -> str:
+        """The given description, else the target's own `description`, else its docstring's
+        first line."""
         if self.description:
             return self.description
-        doc = inspect.getdoc(self.load()) or ""
+        target = self.load()
+        if isinstance(getattr(target, "description", None), str):
+            return target.description
+        doc = inspect.getdoc(target) or ""
         return doc.splitlines()[0] if doc else ""
 
 
@@ -54,15 +59,6 @@ class Registry:
 
     def add(self, name: str, target: str | Callable[..., Any], description: str = "") -> None:
         self._entries[name] = Entry(name, target, description)
-
-    def register(self, name: str, description: str = "") -> Callable[[Any], Any]:
-        """Decorator form of `add`, for code that registers at import time."""
-
-        def wrap(obj: Any) -> Any:
-            self.add(name, obj, description)
-            return obj
-
-        return wrap
 
     def _load_plugins(self) -> None:
         if self._plugins_loaded:

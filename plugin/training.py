@@ -27,6 +27,7 @@ from .optim import build_optimizer, build_scheduler
 from .recipe import WorkerContext
 
 MODEL_FILE = "model.pt"
+PROGRESS_NAMESPACE = "gradlane"  # Ray namespace of the driver's progress actor
 FAULT_MARKER = ".fault_injected"
 
 
@@ -142,7 +143,9 @@ def train_loop(config: dict[str, Any]) -> None:
             Path(config["resume_from"]), rank, model, optimizer, scheduler, hook
         )
 
-    progress = ray.get_actor(config["progress_actor"], namespace="gradlane") if rank == 0 else None
+    progress = (
+        ray.get_actor(config["progress_actor"], namespace=PROGRESS_NAMESPACE) if rank == 0 else None
+    )
     if progress is not None and start:
         progress.push.remote({"step": start, "resumed_from": start})
     samples_total, clock = 0, time.perf_counter()

@@ -5,5 +5,5 @@ from __future__ import annotations
 from gradlane.registry import Registry
 
 RECIPES = Registry("recipe", "gradlane.recipes")
-RECIPES.add("lm", "gradlane.recipes.lm:RECIPE", "byte-level GPT on the Python stdlib sources")
-RECIPES.add("vision", "gradlane.recipes.vision:RECIPE", "small ResNet on scikit-learn digits")
+RECIPES.add("lm", "gradlane.recipes.lm:RECIPE")
+RECIPES.add("vision", "gradlane.recipes.vision:RECIPE")

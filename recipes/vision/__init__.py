@@ -11,7 +11,6 @@ from gradlane.recipe import Recipe
 from .train import build
 
 RECIPE = Recipe(
-    name="vision",
     description="small ResNet on scikit-learn digits (EvoNorm, MIP hypernetworks)",
     config=Path(__file__).with_name("config.yaml"),
     build=build,
