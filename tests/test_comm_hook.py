@@ -295,6 +295,7 @@ def test_a_short_training_run_with_each_hook_ends_near_plain_ddp():
 
 
 RESUME = {
+    "torch_powersgd": {"hook": "torch_powersgd", "rank": 2, "start_iter": 2},
     "lgreco-qsgd": {
         "hook": "lgreco",
         "compressor": "qsgd",
@@ -326,13 +327,15 @@ def _resume(rank, world):
     """Final parameters of 9 uninterrupted steps and of 4 + checkpoint + fresh objects + 5."""
     out = {}
     for name, cfg in RESUME.items():
-        _, _, ddp = _ddp(torch.float32, False, bucket_cap_mb=0.002)
+        # torch's own hook aborts on gloo with several buckets (see benchmarks/comm.py)
+        buckets = {"bucket_cap_mb": 25 if name.startswith("torch") else 0.002}
+        _, _, ddp = _ddp(torch.float32, False, **buckets)
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
-        register_comm_hook(ddp, cfg)
+        straight_hook = register_comm_hook(ddp, cfg)
         _steps(ddp, opt, rank, range(9))
         straight = {k: v.clone() for k, v in ddp.module.state_dict().items()}
 
-        _, _, ddp = _ddp(torch.float32, False, bucket_cap_mb=0.002)
+        _, _, ddp = _ddp(torch.float32, False, **buckets)
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
         hook = register_comm_hook(ddp, cfg)
         _steps(ddp, opt, rank, range(4))
@@ -343,7 +346,7 @@ def _resume(rank, world):
         )
         saved = torch.load(io.BytesIO(blob.getvalue()), weights_only=False)
 
-        _, _, ddp = _ddp(torch.float32, False, bucket_cap_mb=0.002)
+        _, _, ddp = _ddp(torch.float32, False, **buckets)
         ddp.module.load_state_dict(saved["model"])
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
         opt.load_state_dict(saved["opt"])
@@ -354,7 +357,8 @@ def _resume(rank, world):
         out[name] = {
             "same": all(torch.equal(straight[k], resumed[k]) for k in straight),
             "keys": sorted(saved["hook"]),
-            "step": hook.state.step,
+            "step": getattr(hook.state, "step", None),
+            "torch_iter": [getattr(h.state, "iter", None) for h in (straight_hook, hook)],
         }
     return out
 
@@ -362,6 +366,13 @@ def _resume(rank, world):
 def test_state_round_trips_and_a_resumed_run_matches_an_uninterrupted_one():
     for got in run_ranks(_resume, 2):
         for name, report in got.items():
+            if name == "torch_powersgd":
+                # torch's state is keyed by bucket index and laid out as the bucket was, so a
+                # fresh DDP (not yet rebuilt buckets) cannot resume it bit-exactly; it must
+                # restore and go on counting on the live process group.
+                assert {"error_dict", "q_memory_dict", "iter"} <= set(report["keys"])
+                assert report["torch_iter"][0] == report["torch_iter"][1] > 2
+                continue
             assert report["same"], name
             assert report["step"] == 9
             assert {"errors", "levels", "step", "compressor"} <= set(report["keys"])
@@ -385,6 +396,7 @@ def test_state_round_trips_and_a_resumed_run_matches_an_uninterrupted_one():
         ({"hook": "powersgd", "start_iter": -1}, "comm.start_iter=-1"),
         ({"hook": "powersgd", "rank": "four"}, "comm.rank='four'"),
         ({"hook": "powersgd", "ranks": 4}, "ranks"),
+        ({"hook": "torch_powersgd", "start_iter": 1}, "comm.start_iter=1 must be >= 2"),
     ],
 )
 def test_bad_hook_settings_are_config_errors_naming_the_key(cfg, message):

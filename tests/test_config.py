@@ -53,6 +53,9 @@ def test_switching_optimizer_drops_the_previous_ones_parameters():
         ("comm.hook=powersgd comm.rank=0", "comm.rank=0 must be"),
         ("comm.hook=lgreco comm.alpha=-1", "comm.alpha=-1.0 must be > 0"),
         ("comm.hook=topk comm.density=1.5", "comm.density=1.5"),
+        ("optimizer.warmup_steps=abc", "optimizer.warmup_steps='abc' must be an integer >= 0"),
+        ("optimizer.min_lr_ratio=2", "optimizer.min_lr_ratio=2 must be a number in [0, 1]"),
+        ("ray.num_cpus=0", "ray.num_cpus=0 must be >= 1"),
     ],
 )
 def test_bad_input_is_one_line_naming_key_and_value(override, expected):
@@ -84,6 +87,11 @@ def _assert_rejected(proc, expected: str, cwd: Path):
         (["run", "vision", "model.norm=groupnorm"], "unknown model.norm 'groupnorm'"),
         (["run", "lm", "model.d_model=30"], "model.d_model=30 must be divisible by model.n_head"),
         (["run", "lm", "data.batch_size=0"], "data.batch_size=0 must be >= 1"),
+        (["run", "lm", "data.eval_batches=0"], "data.eval_batches=0 must be >= 1"),
+        (["run", "lm", "model.n_head=0"], "model.n_head=0 must be an integer >= 1"),
+        (["run", "lm", "model.dropout=2"], "model.dropout=2 must be in [0, 1)"),
+        (["run", "lm", "data.max_bytes=10"], "cannot hold one window of model.context + 1"),
+        (["run", "vision", "model.label_smoothing=1.5"], "model.label_smoothing=1.5 must be"),
         (["run", "lm", "resume=nowhere"], "resume='nowhere' is neither a gradlane run"),
         (
             ["run", "lm", "trainer.num_workers=64", "ray.num_cpus=2"],
@@ -94,6 +102,13 @@ def _assert_rejected(proc, expected: str, cwd: Path):
 def test_cli_bad_input_exits_2_and_writes_nothing(gradlane_cli, tmp_path: Path, args, expected):
     proc = gradlane_cli(*args, "run.output_dir=out", cwd=tmp_path)
     _assert_rejected(proc, expected, tmp_path)
+
+
+def test_resume_is_only_taken_from_the_command_line(gradlane_cli, tmp_path: Path):
+    (tmp_path / "extra.yaml").write_text("resume: /nowhere\n")
+    proc = gradlane_cli("run", "lm", "-c", "extra.yaml", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "resume in config file 'extra.yaml': give it on the command line" in proc.stderr
 
 
 def test_unreachable_tracking_server_fails_before_training(gradlane_cli, tmp_path: Path):

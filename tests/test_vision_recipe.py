@@ -145,7 +145,7 @@ def _ddp_runs(rank: int, world: int, combos: list) -> list:
         ddp = DDP(task.model)
         comm = {
             "hook": hook,
-            **_fast(COMM_HOOKS.get(hook), start_iter=1, adjust_every=2, accumulate=1),
+            **_fast(COMM_HOOKS.get(hook), start_iter=2, adjust_every=2, accumulate=1),
         }
         register_comm_hook(ddp, comm)
         settings = {"name": optimizer, **_fast(OPTIMIZERS.get(optimizer), ngrads=4)}

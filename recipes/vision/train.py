@@ -65,8 +65,9 @@ class VisionTask(Task):
         self.settings = [float(s) for s in cfg.model.eval_settings]
         if cfg.model.hyper != "none" and not all(0.0 <= s <= 1.0 for s in self.settings):
             raise ConfigError(f"model.eval_settings={self.settings} must lie in [0, 1]")
-        if not 0.0 <= cfg.model.max_smoothing <= 1.0:
-            raise ConfigError(f"model.max_smoothing={cfg.model.max_smoothing!r} must be in [0, 1]")
+        for key in ("max_smoothing", "label_smoothing"):
+            if not 0.0 <= cfg.model[key] <= 1.0:
+                raise ConfigError(f"model.{key}={cfg.model[key]!r} must be in [0, 1]")
         try:
             self.data = load_digits(cfg.data.image_size, cfg.data.val_fraction)
         except ValueError as exc:
