@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .base import Compressor, Level, check_positive_int
+from .collective import Collective
 
 
 def knapsack(costs: Tensor, weights: Tensor, capacity: int) -> list[int] | None:
@@ -131,7 +132,11 @@ class Controller:
             self.accum[name] = acc.to(m.device).add_(m)
 
     def decide(
-        self, shapes: dict[str, torch.Size], levels: dict[str, Level], comm, device: torch.device
+        self,
+        shapes: dict[str, torch.Size],
+        levels: dict[str, Level],
+        comm: Collective,
+        device: torch.device,
     ) -> dict[str, Level]:
         """New levels for every layer, identical on all ranks.
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .collective import Collective
+
 Level = int | float
 
 
@@ -60,7 +62,7 @@ class Compressor:
         """Squared compression error ||a - D(C(a))||^2 of `a` at each level (float64)."""
         raise NotImplementedError
 
-    def exchange(self, slots: list[Slot], comm, bad: Tensor) -> bool:
+    def exchange(self, slots: list[Slot], comm: Collective, bad: Tensor) -> bool:
         """Compress, communicate and decompress one bucket.
 
         Writes the mean over ranks into each `slot.grad` and the residual into

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .base import Compressor, Level, Slot
+from .collective import Collective
 
 CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -29,7 +30,7 @@ class Cast(Compressor):
     def wire_bytes(self, shape: torch.Size, level: Level) -> int:
         return 2 * shape.numel()
 
-    def exchange(self, slots: list[Slot], comm, bad: Tensor) -> bool:
+    def exchange(self, slots: list[Slot], comm: Collective, bad: Tensor) -> bool:
         sizes = [s.m.numel() for s in slots]
         buf = torch.empty(sum(sizes) + 1, dtype=self.dtype, device=slots[0].m.device)
         *parts, flag = buf.split([*sizes, 1])

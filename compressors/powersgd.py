@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .base import Compressor, Level, Slot, check_positive_int, stable_seed
+from .collective import Collective
 
 GRAM_SCHMIDT_MAX_RANK = 2  # beyond this, one QR call beats the column loop
 
@@ -87,7 +88,7 @@ class PowerSGD(Compressor):
                 out[i] = tail[min(level, s2.numel())]
         return out
 
-    def exchange(self, slots: list[Slot], comm, bad: Tensor) -> bool:
+    def exchange(self, slots: list[Slot], comm: Collective, bad: Tensor) -> bool:
         dense = [s for s in slots if not self.compresses(s.m.shape, s.level)]
         low = [s for s in slots if self.compresses(s.m.shape, s.level)]
         mats = [s.m.view(s.m.shape[0], -1) for s in low]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Compressor, Level, Slot, check_positive_int
+from .collective import Collective
 from .wire import aligned, pack, unpack
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
@@ -116,7 +117,7 @@ class QSGD(Compressor):
                 out[i] = ((scales / s).square() * p * (1 - p)).sum()
         return out
 
-    def exchange(self, slots: list[Slot], comm, bad: Tensor) -> bool:
+    def exchange(self, slots: list[Slot], comm: Collective, bad: Tensor) -> bool:
         parts = []
         for s in slots:
             flat = s.m.view(-1)

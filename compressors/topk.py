@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .base import Compressor, Level, Slot
+from .collective import Collective
 from .wire import pack, unpack
 
 
@@ -48,7 +49,7 @@ class TopK(Compressor):
         tail = torch.cat([sq.flip(0).cumsum(0).flip(0), sq.new_zeros(1)])  # tail[k] = sum_{i>=k}
         return torch.stack([tail[keep(sq.numel(), level)] for level in levels])
 
-    def exchange(self, slots: list[Slot], comm, bad: Tensor) -> bool:
+    def exchange(self, slots: list[Slot], comm: Collective, bad: Tensor) -> bool:
         parts = []
         for s in slots:
             flat = s.m.view(-1)

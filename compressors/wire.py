@@ -1,16 +1,10 @@
-"""Collectives that count the bytes they send, and byte payloads for all_gather.
-
-`Comm.sent` is the number of bytes this rank handed to collectives: the whole
-tensor for an all-reduce, its own payload for an all-gather, the tensor on the
-source of a broadcast. That is the figure every compressor reports.
-"""
+"""Byte payloads for all-gather: tensors of any dtype packed into one aligned uint8 buffer."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 ALIGN = 4  # every payload segment starts at a multiple of 4 bytes, so it can be viewed as fp32
@@ -19,35 +13,6 @@ ALIGN = 4  # every payload segment starts at a multiple of 4 bytes, so it can be
 def aligned(nbytes: int) -> int:
     """`nbytes` rounded up to the segment alignment."""
     return -(-nbytes // ALIGN) * ALIGN
-
-
-class Comm:
-    """One process group's collectives, counting the bytes this rank sends."""
-
-    def __init__(self, group: dist.ProcessGroup | None = None):
-        self.group = group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        self.sent = 0
-
-    def all_reduce(self, t: Tensor, async_op: bool = False):
-        """Sum `t` over ranks in place (returns the work handle when `async_op`)."""
-        self.sent += t.numel() * t.element_size()
-        return dist.all_reduce(t, group=self.group, async_op=async_op)
-
-    def all_gather(self, t: Tensor) -> Tensor:
-        """Every rank's `t`, stacked: shape (world, *t.shape)."""
-        self.sent += t.numel() * t.element_size()
-        out = t.new_empty((self.world, *t.shape))
-        dist.all_gather(list(out.unbind(0)), t, group=self.group)
-        return out
-
-    def broadcast(self, t: Tensor) -> None:
-        """Overwrite `t` with group rank 0's `t`."""
-        if self.rank == 0:
-            self.sent += t.numel() * t.element_size()
-        src = 0 if self.group is None else dist.get_global_rank(self.group, 0)
-        dist.broadcast(t, src=src, group=self.group)
 
 
 @dataclass(frozen=True)

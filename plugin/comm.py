@@ -1,10 +1,15 @@
 """Comm-hook registry and `register_comm_hook(ddp_model, cfg)`.
 
-A comm-hook factory is called as `factory(model, process_group, **params)` and
-returns `(state, hook)` for `DistributedDataParallel.register_comm_hook`. The
+A comm-hook factory is called as `factory(model, process_group, **params)` (the
+group may also be any `Collective`) and returns `(state, hook)` for
+`DistributedDataParallel.register_comm_hook`. The
 state may offer `state_dict()` / `load_state_dict()` (checkpointed with the
 run), `metrics()` (per-step numbers such as bytes sent, logged to MLflow) and
 `save_artifacts(outdir)` (plots written at the end of a run).
+
+Engines that call no DDP comm hooks (DeepSpeed, Horovod) get the same hooks'
+math as a `GradientExchange` from `build_exchange(model, cfg, collective)` and
+call its `average(names, grads)` after backward.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import nn
+
+from gradlane.compressors import Collective, GradientExchange
 
 from .errors import ConfigError, closest
 from .registry import Registry, bind_params
@@ -240,6 +247,22 @@ def build_comm_state(model: nn.Module, cfg: Any, process_group=None) -> tuple[st
     except ValueError as exc:  # a compressor's own check names the key and the value
         raise ConfigError(f"comm.{exc}") from exc
     return name, state, hook
+
+
+DDP_ONLY_HOOKS = ("torch_fp16", "torch_powersgd")
+
+
+def build_exchange(model: nn.Module, cfg: Any, collective: Collective) -> GradientExchange | None:
+    """The GradientExchange of the hook named `cfg.hook` (settings as for DDP) over
+    `collective`, for engines without DDP comm hooks; None for `none` (the engine's own
+    all-reduce). torch's hooks exist only for DDP: ConfigError."""
+    name = dict(cfg).get("hook", "none")
+    if name in DDP_ONLY_HOOKS:
+        raise ConfigError(f"comm.hook={name!r} is torch's DDP-only hook; use one of gradlane's")
+    _, state, _ = build_comm_state(model, cfg, collective)
+    if state is not None and not isinstance(state, GradientExchange):
+        raise ConfigError(f"comm.hook={name!r} does not build a gradlane GradientExchange")
+    return state
 
 
 def register_comm_hook(ddp_model: nn.Module, cfg: Any, process_group=None) -> CommHook:

@@ -136,6 +136,42 @@ def test_lossless_settings_give_the_all_reduced_mean(world):
             assert worst <= tol, (setup, name, worst)
 
 
+def _engine(rank, world):
+    """As `_lossless`, but without DDP: `build_exchange` averaged after backward, the way
+    the DeepSpeed and Horovod engines call it."""
+    import torch.distributed as dist
+
+    from gradlane.comm import build_exchange
+    from gradlane.compressors import TorchCollective
+
+    out = {}
+    for name, cfg in LOSSLESS.items():
+        model, plain, _ = _ddp(torch.float32, False)
+        exchange = build_exchange(model, cfg, TorchCollective(dist.new_group()))
+        worst = 0.0
+        for step in range(3):
+            model.zero_grad(set_to_none=True)
+            _loss(model, _batch(rank, step)).backward()
+            names, params = zip(*model.named_parameters(), strict=True)
+            exchange.average(list(names), [p.grad for p in params])
+            want = _oracle(plain, world, step)
+            for n, p in model.named_parameters():
+                err = (p.grad - want[n]).abs().max() / want[n].abs().max()
+                worst = max(worst, float(err))
+        out[name] = (worst, exchange.step)
+    return out
+
+
+def test_the_engine_neutral_exchange_averages_gradients_after_backward():
+    for got in run_ranks(_engine, 2):
+        for name, (worst, steps) in got.items():
+            assert worst <= 2e-5 and steps == 3, (name, worst, steps)
+    with pytest.raises(ConfigError, match="comm.hook='torch_powersgd'"):
+        from gradlane.comm import build_exchange
+
+        build_exchange(Net(), {"hook": "torch_powersgd"}, None)
+
+
 LOSSY = {
     "powersgd": {"hook": "powersgd", "rank": 1, "start_iter": 1},
     "topk": {"hook": "topk", "density": 0.1, "start_iter": 1},

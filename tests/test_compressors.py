@@ -14,11 +14,11 @@ import torch.distributed as dist
 from gradlane.compressors import (
     QSGD,
     Cast,
-    Comm,
     Controller,
     PowerSGD,
     Slot,
     TopK,
+    TorchCollective,
     orthogonalize,
     pack_bits,
     unpack_bits,
@@ -33,7 +33,7 @@ def comm():
     if dist.is_initialized():
         pytest.skip("another test left a process group initialised")
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield Comm()
+    yield TorchCollective()
     dist.destroy_process_group()
 
 
@@ -163,14 +163,14 @@ def test_lossless_settings_send_the_gradient_itself(comm, compressor, level):
 def test_lossy_exchange_conserves_mass_and_counts_its_bytes(comm, compressor, level):
     slots = _slots(SHAPES, level)
     want = [s.m.clone() for s in slots]
-    sent = comm.sent
+    sent = comm.payload
     assert compressor.exchange(slots, comm, torch.tensor(False))
     for s, w in zip(slots, want, strict=True):  # applied + residual = M (one rank)
         torch.testing.assert_close(s.grad + s.m, w, rtol=1e-5, atol=1e-5)
     assert (torch.cat([s.m.flatten() for s in slots]) != 0).any()  # it really was lossy
     flag = 2 if isinstance(compressor, Cast) else 4  # one flag entry per bucket
     formula = sum(compressor.wire_bytes(torch.Size(s), level) for s in SHAPES) + flag
-    assert comm.sent - sent == formula
+    assert comm.payload - sent == formula
 
 
 @pytest.mark.parametrize(("compressor", "level"), LOSSLESS + LOSSY, ids=_id)
