@@ -20,8 +20,15 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: 'gradlane run: error: ... (see gradlane run --help)'."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradlane", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="gradlane", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="train a recipe on Ray and track it in MLflow")
     run.add_argument("recipe")

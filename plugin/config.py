@@ -1,51 +1,56 @@
 """The run configuration: structured defaults, merge order and validation.
 
-Merge order (later wins): structured defaults <- the recipe's `config.yaml`
-<- an optional `-c file.yaml` <- command-line `key=value` overrides. When a
-later layer names a different `comm.hook` or `optimizer.name`, the earlier
-layers' parameters of that section are dropped (they belonged to the other
-hook/optimizer); the learning-rate schedule keys are kept.
+Merge order (later wins): structured defaults (with the recipe's typed
+`model` / `data` dataclasses) <- the recipe's `config.yaml` <- an optional
+`-c file.yaml` <- command-line `key=value` overrides. When a later layer names
+a different `comm.hook` or `optimizer.name`, the earlier layers' parameters of
+that section are dropped (they belonged to the other hook/optimizer); the
+learning-rate schedule keys are kept. Every key, type, bound and choice is
+checked here, so a bad value is one `ConfigError` line before anything runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+import functools
+from dataclasses import dataclass, field, fields, is_dataclass, make_dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError, closest
 from .optim import SCHEDULE_KEYS
+from .schema import check_section, param, type_name
 
 
 @dataclass
 class RunSection:
     recipe: str = ""
     name: str = ""  # default: <recipe>-<timestamp>
-    seed: int = 0
-    steps: int = 200
-    eval_every: int = 50
-    log_every: int = 1
+    seed: int = param(0, ge=0)
+    steps: int = param(200, ge=1)
+    eval_every: int = param(50, ge=1)
+    log_every: int = param(1, ge=1)
     output_dir: str = "runs"
 
 
 @dataclass
 class TrainerSection:
-    num_workers: int = 2
+    num_workers: int = param(2, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: int = 1
-    max_failures: int = 0
-    checkpoint_every: int = 50
-    bucket_cap_mb: float = 25.0
+    cpus_per_worker: int = param(1, ge=1)
+    max_failures: int = param(0, ge=-1)  # -1: restart without limit
+    checkpoint_every: int = param(50, ge=0)
+    bucket_cap_mb: float = param(25.0, gt=0)
     find_unused_parameters: bool = False
 
 
 @dataclass
 class RaySection:
     address: str | None = None  # None: embedded local Ray; "auto" or "ray://host:port": join
-    num_cpus: int | None = None  # CPUs of the embedded local Ray (default: all)
+    num_cpus: int | None = param(None, ge=1)  # CPUs of the embedded local Ray (default: all)
 
 
 @dataclass
@@ -70,17 +75,27 @@ class Config:
         default_factory=lambda: {"name": "adamw", "schedule": "constant", "warmup_steps": 0}
     )
     tracking: TrackingSection = field(default_factory=TrackingSection)
-    model: dict[str, Any] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)  # the recipe's dataclass replaces
+    data: dict[str, Any] = field(default_factory=dict)  # these two (see `config_class`)
     debug: DebugSection = field(default_factory=DebugSection)
     resume: str | None = None
 
 
-# Sections whose keys are the recipe's own (declared by its config.yaml) or the
-# chosen factory's keyword parameters (checked against its signature).
-RECIPE_SECTIONS = ("model", "data")
+# Sections whose keys are the chosen factory's keyword parameters (checked against its signature).
 FACTORY_SECTIONS = {"comm": "hook", "optimizer": "name"}
-TRUSTED = ("recipe", "resumed run config")  # layers that may declare model/data keys
+
+
+@functools.cache
+def config_class(model: type, data: type) -> type:
+    """`Config` with a recipe's typed `model` and `data` sections."""
+    return make_dataclass(
+        f"Config_{model.__qualname__}_{data.__qualname__}",
+        [
+            ("model", model, field(default_factory=model)),
+            ("data", data, field(default_factory=data)),
+        ],
+        bases=(Config,),
+    )
 
 
 def _schema_keys(cls: type, prefix: str = "") -> dict[str, Any]:
@@ -96,33 +111,26 @@ def _schema_keys(cls: type, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-SCHEMA = _schema_keys(Config)
-
-
 def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         for k, v in node.items():
             out.update(_leaves(v, f"{prefix}{k}."))
-        return out or {prefix.rstrip("."): node}
+        return out or ({prefix.rstrip("."): node} if prefix else {})
     return {prefix.rstrip("."): node}
 
 
-def _check_keys(layer: dict[str, Any], recipe_keys: set[str], source: str) -> None:
+def _check_keys(layer: dict[str, Any], schema: dict[str, Any], source: str) -> None:
     """Reject keys that belong to no section (names the key and the closest allowed)."""
     for key in _leaves(layer):
         top = key.split(".")[0]
         if key == "resume" and source != "resumed run config":
             raise ConfigError(f"resume in {source}: give it on the command line, as resume=PATH")
-        if top in FACTORY_SECTIONS or key in SCHEMA or key == "resume":
+        if top in FACTORY_SECTIONS or key in schema or key == "resume":
             continue
-        if top in RECIPE_SECTIONS and (key in recipe_keys or source in TRUSTED):
-            continue
-        allowed = sorted(set(SCHEMA) | recipe_keys | {"resume"})
-        if top in RECIPE_SECTIONS:
-            allowed = sorted(k for k in recipe_keys if k.startswith(top + "."))
-        elif top in {f.name for f in fields(Config)}:
-            allowed = sorted(k for k in SCHEMA if k.startswith(top + "."))
+        allowed = sorted(set(schema) | {"resume"})
+        if top in {f.name for f in fields(Config)}:
+            allowed = sorted(k for k in schema if k.startswith(top + "."))
         raise ConfigError(
             f"unknown key {key!r} in {source}{closest(key, allowed)}; "
             f"allowed: {', '.join(allowed) or '(none)'}"
@@ -135,8 +143,13 @@ def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
         return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"cannot parse overrides {overrides}: {exc}") from exc
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot parse overrides {overrides}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _load_yaml(path: Path, what: str) -> dict[str, Any]:
@@ -144,13 +157,25 @@ def _load_yaml(path: Path, what: str) -> dict[str, Any]:
         raise ConfigError(f"{what} {str(path)!r} does not exist")
     try:
         data = OmegaConf.to_container(OmegaConf.load(path))
-    except (OmegaConfBaseException, OSError, ValueError) as exc:
-        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {exc}") from exc
+    except yaml.MarkedYAMLError as exc:
+        raise ConfigError(f"{what} {str(path)!r}: not valid YAML: {_yaml_problem(exc)}") from exc
+    except (OmegaConfBaseException, OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {_first_line(exc)}") from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{what} {str(path)!r} must hold a mapping, not {type(data).__name__}")
     return data
+
+
+def _yaml_problem(exc: yaml.MarkedYAMLError) -> str:
+    """'line 3: did not find expected ',' or ']' (while parsing a flow sequence from line 2)'."""
+    text = exc.problem or exc.context or "malformed"
+    if exc.problem_mark is not None:
+        text = f"line {exc.problem_mark.line + 1}: {text}"
+    if exc.problem and exc.context and exc.context_mark is not None:
+        text += f" ({exc.context} from line {exc.context_mark.line + 1})"
+    return text
 
 
 def _reset_switched_sections(merged: dict[str, Any], layer: dict[str, Any]) -> None:
@@ -171,91 +196,67 @@ def _deep_update(base: dict[str, Any], layer: dict[str, Any]) -> None:
 
 
 def compose(
-    recipe_yaml: Path | None,
+    recipe: str,
     file: Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
     base: dict[str, Any] | None = None,
 ) -> DictConfig:
-    """Merge defaults <- recipe yaml <- base (a resumed run's saved config) <- file <- overrides."""
-    layers: list[tuple[str, dict[str, Any]]] = []
-    if recipe_yaml is not None:
-        layers.append(("recipe", _load_yaml(recipe_yaml, "recipe config")))
+    """Merge defaults <- recipe yaml <- base (a resumed run's saved config) <- file <- overrides.
+
+    The recipe's `model` / `data` dataclasses type those sections; the result is
+    validated (types, bounds, choices, the hook and optimizer) before it is returned.
+    """
+    from gradlane.recipes import RECIPES
+
+    entry = RECIPES.get(recipe)
+    cls = config_class(entry.model, entry.data)
+    layers: list[tuple[str, dict[str, Any]]] = [
+        ("recipe", _load_yaml(entry.config, "recipe config"))
+    ]
     if base is not None:
         layers.append(("resumed run config", base))
     if file is not None:
         layers.append((f"config file {str(file)!r}", _load_yaml(file, "config file")))
     layers.append(("command-line overrides", _parse_overrides(list(overrides))))
 
-    recipe_keys = {
-        key
-        for source, layer in layers
-        if source in TRUSTED
-        for key in _leaves(layer)
-        if key.split(".")[0] in RECIPE_SECTIONS
-    }
-    merged: dict[str, Any] = OmegaConf.to_container(OmegaConf.structured(Config))
+    schema = _schema_keys(cls)
+    merged: dict[str, Any] = OmegaConf.to_container(OmegaConf.structured(cls))
     for source, layer in layers:
-        _check_keys(layer, recipe_keys, source)
+        _check_keys(layer, schema, source)
         _reset_switched_sections(merged, layer)
         _deep_update(merged, layer)
+    merged["run"]["recipe"] = recipe
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(Config), merged)
+        cfg = OmegaConf.merge(OmegaConf.structured(cls), merged)
     except OmegaConfBaseException as exc:
-        raise ConfigError(_type_error(exc)) from exc
+        raise ConfigError(_type_error(cls, exc)) from exc
+    check_section("", cls, cfg)
     validate(cfg)
     return cfg
 
 
-def _type_error(exc: OmegaConfBaseException) -> str:
+def _type_error(cls: type, exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", "") or "?"
     value = getattr(exc, "value", None)
-    want = SCHEMA.get(key)
-    expected = type(want).__name__ if want is not None else "a value of the declared type"
-    return f"{key}={value!r} has the wrong type: expected {expected}"
-
-
-POSITIVE = ("run.steps", "run.eval_every", "run.log_every", "trainer.num_workers",
-            "trainer.cpus_per_worker")  # fmt: skip
-NON_NEGATIVE = ("run.seed", "trainer.checkpoint_every")
+    return f"{key}={value!r} has the wrong type: expected {type_name(cls, key)}"
 
 
 def validate(cfg: DictConfig) -> None:
-    """Range checks the types alone cannot express."""
-    for key in POSITIVE:
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r} must be >= 1")
-    for key in NON_NEGATIVE:
-        if OmegaConf.select(cfg, key) < 0:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r} must be >= 0")
-    if cfg.trainer.max_failures < -1:
-        raise ConfigError(f"trainer.max_failures={cfg.trainer.max_failures!r} must be >= -1")
-    if cfg.ray.num_cpus is not None and cfg.ray.num_cpus < 1:
-        raise ConfigError(f"ray.num_cpus={cfg.ray.num_cpus!r} must be >= 1 (or null: all CPUs)")
-    if cfg.trainer.bucket_cap_mb <= 0:
-        raise ConfigError(f"trainer.bucket_cap_mb={cfg.trainer.bucket_cap_mb!r} must be > 0")
-    for section, name_key in FACTORY_SECTIONS.items():
-        name = cfg[section].get(name_key)
-        if not isinstance(name, str):
-            raise ConfigError(f"{section}.{name_key}={name!r} must be a name")
-    check_factories(cfg)
-
-
-def check_factories(cfg: DictConfig) -> None:
-    """The recipe, hook, optimizer and schedule exist and accept their settings.
+    """Checks the field bounds cannot express: the hook and optimizer exist and accept
+    their settings.
 
     Hook and optimizer are built once on a 2x2 probe layer (without a process
     group), so their own range checks fire here, before anything is written.
     """
     import torch
 
-    from gradlane.recipes import RECIPES
-
     from .comm import build_comm_state
     from .optim import build_optimizer, build_scheduler
 
-    if not cfg.run.recipe:
-        raise ConfigError("run.recipe is empty: name a recipe (see `gradlane list`)")
-    RECIPES.entry(cfg.run.recipe)
+    for section, name_key in FACTORY_SECTIONS.items():
+        name = cfg[section].get(name_key)
+        if not isinstance(name, str):
+            raise ConfigError(f"{section}.{name_key}={name!r} must be a name")
     probe = torch.nn.Linear(2, 2)
     build_comm_state(probe, OmegaConf.to_container(cfg.comm, resolve=True))
     build_scheduler(cfg.optimizer, build_optimizer(cfg.optimizer, probe.parameters()), 1)

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -72,8 +73,6 @@ def resolve_resume(path: str) -> tuple[Path, Path]:
 
 def prepare(recipe: str, file: Path | None, overrides: list[str]) -> tuple[DictConfig, Path | None]:
     """Compose and validate the config; for `resume=...` start from the run's saved config."""
-    from gradlane.recipes import RECIPES
-
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
     overrides = [o for o in overrides if not o.startswith("resume=")]
     base, checkpoint = None, None
@@ -85,8 +84,8 @@ def prepare(recipe: str, file: Path | None, overrides: list[str]) -> tuple[DictC
                 f"resume={resume!r} is a {base['run']['recipe']!r} run, not {recipe!r}"
             )
         base["resume"] = str(run_dir)
-    recipe_cfg = RECIPES.get(recipe).config
-    cfg = compose(recipe_cfg, file, [*overrides, f"run.recipe={recipe}"], base=base)
+    cfg = compose(recipe, file, overrides, base=base)
+    check_output_dir(cfg.run.output_dir)
     _dry_build(cfg)
     if checkpoint is not None:
         written = len(list(checkpoint.glob("rank*.pt")))
@@ -189,6 +188,22 @@ def _run_name(cfg: DictConfig) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ConfigError(f"run.name={name!r} may only hold letters, digits, '.', '_' and '-'")
     return name
+
+
+def check_output_dir(output_dir: str) -> None:
+    """`run.output_dir` is, or can be made, a writable directory: a scratch directory is
+    made (and removed) in its nearest existing ancestor, so nothing is left behind."""
+    probe = Path(output_dir).expanduser().absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"run.output_dir={output_dir!r}: {probe} is not a directory")
+    try:
+        tempfile.TemporaryDirectory(dir=probe).cleanup()
+    except OSError as exc:
+        raise ConfigError(
+            f"run.output_dir={output_dir!r}: cannot write in {probe} ({exc.strerror})"
+        ) from exc
 
 
 def launch(

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from .comm import register_comm_hook
+from .evaluation import evaluate
 from .optim import build_optimizer, build_scheduler
 from .recipe import WorkerContext
 
@@ -117,11 +118,10 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.set_num_threads(cfg.trainer.cpus_per_worker)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    np.random.seed(cfg.run.seed + rank)
-    random.seed(cfg.run.seed + rank)
 
     recipe = RECIPES.get(cfg.run.recipe)
-    task = recipe.build(cfg, WorkerContext(rank, world, device, cfg.run.seed))
+    ctx = WorkerContext(rank, world, device, cfg.run.seed)
+    task = recipe.build(cfg, ctx)
     model = task.model.to(device)
     ddp = DDP(
         model,
@@ -132,6 +132,7 @@ def train_loop(config: dict[str, Any]) -> None:
     hook = register_comm_hook(ddp, cfg.comm)
     optimizer = build_optimizer(cfg.optimizer, model.parameters())
     scheduler = build_scheduler(cfg.optimizer, optimizer, cfg.run.steps)
+    ctx.seed_globals()  # per-rank dropout and sampling from here on
 
     start = 0
     checkpoint = ray.train.get_checkpoint()
@@ -173,9 +174,7 @@ def train_loop(config: dict[str, Any]) -> None:
             record |= {"lr": lr, "samples_per_s": samples_total / max(elapsed, 1e-9)}
             record |= hook.metrics()
         if done % cfg.run.eval_every == 0 or done == cfg.run.steps:
-            ddp.eval()
-            with torch.no_grad():
-                record |= {f"val/{k}": v for k, v in task.evaluate(model).items()}
+            record |= {f"val/{k}": v for k, v in evaluate(task, model, device).items()}
         if progress is not None and record:
             progress.push.remote({"step": done, **record})
 

@@ -59,6 +59,14 @@ def test_lm_trains_and_mlflow_has_params_metrics_artifacts(reference):
     assert {"config.yaml", "loss.png"} <= artifacts
 
 
+def test_ranks_draw_from_their_own_random_streams(reference):
+    states = [
+        torch.load(reference.checkpoint / f"rank{r}.pt", weights_only=False)["rng"]["torch"]
+        for r in range(2)
+    ]
+    assert not torch.equal(*states)  # seeded per rank: dropout masks differ across ranks
+
+
 def test_worker_failure_restarts_and_matches_uninterrupted(reference, tmp_path):
     result = run(
         "lm",

@@ -7,10 +7,13 @@ from pathlib import Path
 
 from gradlane.recipe import Recipe
 
+from .schema import LMData, LMModel
 from .train import build
 
 RECIPE = Recipe(
     description="byte-level GPT on the Python stdlib sources (train/val loss, bits per byte)",
     config=Path(__file__).with_name("config.yaml"),
     build=build,
+    model=LMModel,
+    data=LMData,
 )

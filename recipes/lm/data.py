@@ -63,8 +63,12 @@ def random_batch(data: torch.Tensor, batch: int, length: int, gen: torch.Generat
     return windows(data, starts, length)
 
 
-def eval_batches(data: torch.Tensor, batch: int, length: int, n_batches: int):
-    """Evenly spaced, fixed validation windows split into `n_batches` batches."""
-    count = batch * n_batches
+def eval_windows(data: torch.Tensor, length: int, count: int) -> torch.Tensor:
+    """`count` evenly spaced, fixed validation windows of `length` bytes."""
     starts = torch.linspace(0, data.numel() - length - 1, count).long()
-    return windows(data, starts, length).split(batch)
+    return windows(data, starts, length)
+
+
+def eval_batches(data: torch.Tensor, batch: int, length: int, n_batches: int):
+    """The `batch * n_batches` validation windows split into `n_batches` batches."""
+    return eval_windows(data, length, batch * n_batches).split(batch)

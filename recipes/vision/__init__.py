@@ -8,10 +8,13 @@ from pathlib import Path
 
 from gradlane.recipe import Recipe
 
+from .schema import VisionData, VisionModel
 from .train import build
 
 RECIPE = Recipe(
     description="small ResNet on scikit-learn digits (EvoNorm, MIP hypernetworks)",
     config=Path(__file__).with_name("config.yaml"),
     build=build,
+    model=VisionModel,
+    data=VisionData,
 )
