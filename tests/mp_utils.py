@@ -37,6 +37,8 @@ def _entry(rank, fn, world, port, out_dir, init, timeout_s, args):
         )
     try:
         result = fn(rank, world, *args)
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears gloo down while a peer still works (SIGABRT)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
