@@ -286,6 +286,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
+        # torch's load_state_dict makes new group dicts: share them again (schedulers)
+        self.param_groups, self.state = self.optimizer.param_groups, self.optimizer.state
         if self.exchange is not None:
             self.exchange.load_state_dict(state["exchange"])
 

@@ -130,22 +130,30 @@ def _optimizers(rank, world):
             "metrics": opt.metrics(),
             "ddp": ddp_reference(rank, cfg),
         }
-    # resume: 5 steps, save, 3 more == a new optimizer loaded from the save, 3 more
-    cfg = LOSSY["powersgd"]
-    model, opt, _ = _train(rank, _ours(cfg), steps=5)
-    saved = copy.deepcopy((model.state_dict(), opt.state_dict()))  # as torch.save would
-    for step in range(5, STEPS):
-        opt.zero_grad(set_to_none=True)
-        loss_of(model, batch(rank, step)).backward()
-        opt.step()
+
+    # resume under a decaying schedule: 5 steps, save, 3 more == restored from the save, 3 more
+    def train(model, opt, schedule, steps):
+        for step in steps:
+            opt.zero_grad(set_to_none=True)
+            loss_of(model, batch(rank, step)).backward()
+            opt.step()
+            schedule.step()
+
+    def start(model):
+        opt = _ours(LOSSY["powersgd"])(model)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + s))
+
+    model = net()
+    opt, schedule = start(model)
+    train(model, opt, schedule, range(5))
+    saved = copy.deepcopy((model.state_dict(), opt.state_dict(), schedule.state_dict()))
+    train(model, opt, schedule, range(5, STEPS))
     resumed = net()
+    ropt, rschedule = start(resumed)
     resumed.load_state_dict(saved[0])
-    ropt = _ours(cfg)(resumed)
     ropt.load_state_dict(saved[1])
-    for step in range(5, STEPS):
-        ropt.zero_grad(set_to_none=True)
-        loss_of(resumed, batch(rank, step)).backward()
-        ropt.step()
+    rschedule.load_state_dict(saved[2])
+    train(resumed, ropt, rschedule, range(5, STEPS))
     out["resume"] = (flat(model), flat(resumed), bool(ropt.exchange.errors))
     shutdown()
     return out
