@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.gradlane-installed
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint horovod
 
 install: $(STAMP)
 
@@ -22,7 +22,13 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(VENV)/bin/gradlane run lm
 
+# Horovod 0.28.1 built against this torch (minutes once, then a cached wheel: seconds).
+horovod: install
+	$(PY) -m gradlane.horovod_build
+
+# A failed Horovod build does not stop the suite: the Horovod tests fail with its log.
 test: install
+	-$(PY) -m gradlane.horovod_build
 	$(VENV)/bin/pytest
 
 lint: install

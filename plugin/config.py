@@ -45,6 +45,17 @@ class TrainerSection:
     checkpoint_every: int = param(50, ge=0)
     bucket_cap_mb: float = param(25.0, gt=0)
     find_unused_parameters: bool = False
+    engine: str = param("ddp", choices=("ddp", "deepspeed", "horovod"))  # see gradlane.engines
+
+
+@dataclass
+class DeepSpeedSection:
+    """Settings of `trainer.engine=deepspeed` (see gradlane.deepspeed)."""
+
+    zero_stage: int = param(0, ge=0, le=2)
+    gradient_accumulation_steps: int = param(1, ge=1)
+    precision: str = param("fp32", choices=("fp32", "bf16", "fp16"))
+    gradient_clipping: float = param(0.0, ge=0)  # 0: off
 
 
 @dataclass
@@ -70,6 +81,7 @@ class Config:
     run: RunSection = field(default_factory=RunSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     ray: RaySection = field(default_factory=RaySection)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     comm: dict[str, Any] = field(default_factory=lambda: {"hook": "none"})
     optimizer: dict[str, Any] = field(
         default_factory=lambda: {"name": "adamw", "schedule": "constant", "warmup_steps": 0}
@@ -251,6 +263,7 @@ def validate(cfg: DictConfig) -> None:
     import torch
 
     from .comm import build_comm_state
+    from .engines import check_engine
     from .optim import build_optimizer, build_scheduler
 
     for section, name_key in FACTORY_SECTIONS.items():
@@ -260,6 +273,7 @@ def validate(cfg: DictConfig) -> None:
     probe = torch.nn.Linear(2, 2)
     build_comm_state(probe, OmegaConf.to_container(cfg.comm, resolve=True))
     build_scheduler(cfg.optimizer, build_optimizer(cfg.optimizer, probe.parameters()), 1)
+    check_engine(cfg)
 
 
 def to_yaml(cfg: DictConfig) -> str:

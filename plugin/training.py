@@ -1,9 +1,11 @@
-"""The loop every Ray Train worker runs: recipe task, DDP, comm hook, optimizer.
+"""The loop every Ray Train worker runs: recipe task, engine (DDP, DeepSpeed or Horovod
+with the comm hook and the optimizer, see `gradlane.engines`).
 
 Checkpoints (every `trainer.checkpoint_every` steps and at the end) go through
 `ray.train.report` into one directory per step: `model.pt` from rank 0 and
 `rank<r>.pt` from every rank (optimizer, hook state and RNG states, which
-differ per rank: error-feedback residuals, a sharded optimizer window). Batches
+differ per rank: error-feedback residuals, a sharded optimizer window), and
+the engine's own files (DeepSpeed's `engine.save_checkpoint`). Batches
 are a pure function of (seed, step, rank), so a run resumed from a checkpoint
 continues exactly as the uninterrupted run would have.
 """
@@ -20,11 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .comm import register_comm_hook
+from .engines import build_engine, weight_spread
 from .evaluation import evaluate
-from .optim import build_optimizer, build_scheduler
 from .recipe import WorkerContext
 
 MODEL_FILE = "model.pt"
@@ -55,33 +55,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    directory: Path, rank: int, step: int, model, optimizer, scheduler, hook
-) -> None:
+def save_checkpoint(directory: Path, rank: int, step: int, engine) -> None:
     """Write this rank's share of the checkpoint of the state after `step` steps."""
     if rank == 0:
-        torch.save({"step": step, "model": model.state_dict()}, directory / MODEL_FILE)
+        torch.save({"step": step, "model": engine.module.state_dict()}, directory / MODEL_FILE)
+    engine.save(directory)
     torch.save(
-        {
-            "step": step,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "hook": hook.state_dict(),
-            "rng": _rng_state(),
-        },
-        directory / f"rank{rank}.pt",
+        {"step": step, **engine.state_dict(), "rng": _rng_state()}, directory / f"rank{rank}.pt"
     )
 
 
-def load_checkpoint(directory: Path, rank: int, model, optimizer, scheduler, hook) -> int:
-    """Restore model, optimizer, schedule, hook and RNG; return the step to start from."""
+def load_checkpoint(directory: Path, rank: int, engine) -> int:
+    """Restore model, engine (optimizer, schedule, hook) and RNG; return the step to start from."""
     own = directory / f"rank{rank}.pt"
     shared = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=False)
     mine = torch.load(own, map_location="cpu", weights_only=False)
-    model.load_state_dict(shared["model"])
-    optimizer.load_state_dict(mine["optimizer"])
-    scheduler.load_state_dict(mine["scheduler"])
-    hook.load_state_dict(mine["hook"])
+    engine.module.load_state_dict(shared["model"])
+    engine.load(directory)
+    engine.load_state_dict(mine)
     _set_rng_state(mine["rng"])
     return int(shared["step"])
 
@@ -123,26 +114,16 @@ def train_loop(config: dict[str, Any]) -> None:
     ctx = WorkerContext(rank, world, device, cfg.run.seed)
     task = recipe.build(cfg, ctx)
     model = task.model.to(device)
-    ddp = DDP(
-        model,
-        device_ids=[device.index] if device.type == "cuda" else None,
-        bucket_cap_mb=cfg.trainer.bucket_cap_mb,
-        find_unused_parameters=cfg.trainer.find_unused_parameters,
-    )
-    hook = register_comm_hook(ddp, cfg.comm)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    scheduler = build_scheduler(cfg.optimizer, optimizer, cfg.run.steps)
+    engine = build_engine(cfg, model, device)
     ctx.seed_globals()  # per-rank dropout and sampling from here on
 
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            start = load_checkpoint(Path(d), rank, model, optimizer, scheduler, hook)
+            start = load_checkpoint(Path(d), rank, engine)
     elif config.get("resume_from"):
-        start = load_checkpoint(
-            Path(config["resume_from"]), rank, model, optimizer, scheduler, hook
-        )
+        start = load_checkpoint(Path(config["resume_from"]), rank, engine)
 
     progress = (
         ray.get_actor(config["progress_actor"], namespace=PROGRESS_NAMESPACE) if rank == 0 else None
@@ -152,17 +133,10 @@ def train_loop(config: dict[str, Any]) -> None:
     samples_total, clock = 0, time.perf_counter()
     for step in range(start, cfg.run.steps):
         _maybe_fail(cfg, step, rank, Path(config["run_dir"]))
-        ddp.train()
-        batch = task.batch(step)
         t0 = time.perf_counter()
-        loss = task.loss(ddp, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        loss, samples = engine.train_step(task, step)
         step_time = time.perf_counter() - t0
-        samples_total += task.samples(batch) * world
+        samples_total += samples * world
         done = step + 1
 
         record: dict[str, float] = {}
@@ -171,10 +145,11 @@ def train_loop(config: dict[str, Any]) -> None:
                 {"train/loss": loss.item(), "step_time_s": step_time}, device
             )
             elapsed = time.perf_counter() - clock
-            record |= {"lr": lr, "samples_per_s": samples_total / max(elapsed, 1e-9)}
-            record |= hook.metrics()
+            record |= {"lr": engine.lr, "samples_per_s": samples_total / max(elapsed, 1e-9)}
+            record |= engine.metrics()
         if done % cfg.run.eval_every == 0 or done == cfg.run.steps:
             record |= {f"val/{k}": v for k, v in evaluate(task, model, device).items()}
+            record["ranks/weight_spread"] = weight_spread(model, device)
         if progress is not None and record:
             progress.push.remote({"step": done, **record})
 
@@ -182,7 +157,7 @@ def train_loop(config: dict[str, Any]) -> None:
             done == cfg.run.steps
         ):
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(Path(tmp), rank, done, model, optimizer, scheduler, hook)
+                save_checkpoint(Path(tmp), rank, done, engine)
                 ray.train.report(
                     {"step": done, **record},
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -190,15 +165,16 @@ def train_loop(config: dict[str, Any]) -> None:
                 )
 
     if rank == 0:
-        _send_artifacts(task, model, hook, progress)
+        _send_artifacts(task, model, engine, progress)
+    engine.close()
 
 
-def _send_artifacts(task, model, hook, progress) -> None:
+def _send_artifacts(task, model, engine, progress) -> None:
     """Rank 0 writes plots/images and hands their bytes to the driver (any node)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         task.save_artifacts(model, out)
-        hook.save_artifacts(out)
+        engine.save_artifacts(out)
         files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
     if files and progress is not None:
         import ray
