@@ -22,7 +22,7 @@ A new gradient replaces the oldest slot j, which changes one row and column of K
 * window full: K^{-1} is updated in O(m^2) -- remove slot j (a rank-1 downdate,
   a Schur complement) and insert the new gradient (a rank-1 update whose pivot
   s = K'_jj - b^T K_{-j}^{-1} b is provably >= k*damp; a computed s below k*damp/2 means
-  rounding has eaten the precision, and the step falls back to refactoring);
+  K is not numerically positive definite: the gradient is rejected);
 * the column of K^{-1} used for the step then gets one step of iterative refinement
   against K itself (two more O(m^2) products): the explicit-inverse updates lose
   about cond(K) * 1e-16 per step within a lap, the refined column is as accurate as a
@@ -30,8 +30,15 @@ A new gradient replaces the oldest slot j, which changes one row and column of K
 * once per lap of the window (slot m-1), K^{-1} is recomputed from `gram` with a
   Cholesky factorisation, O(m^3) once every m steps = O(m^2) amortised, so the
   rounding of the updates never accumulates across laps;
-* warm-up (k < m gradients so far): the shift k*damp grows with k, which is not a
-  low-rank change, so K is factored afresh each step, O(k^3) (the first m steps only).
+* warm-up (the first m steps): the shift k*damp grows with k, which is not a low-rank
+  change, so the k x k K is factored afresh each step, O(k^3).
+
+Which of these runs depends only on `count` (a Python int: the steps taken so far), never
+on a tensor's value, so a step queues its work on the device without waiting for it. A
+gradient is rejected on the device instead: `admit` returns a boolean tensor `ok`, and
+every write is a `torch.where(ok, new, old)`, so a rejected gradient leaves the Gram
+matrix and the inverse as they were. The slot still advances: during warm-up it stays a
+zero gradient, later it keeps the gradient it held (one lap longer).
 """
 
 from __future__ import annotations
@@ -51,14 +58,17 @@ def new_system(m: int, device: torch.device) -> dict:
 
 
 def admit(
-    system: dict, dots: torch.Tensor, sq: torch.Tensor | float, damp: float
-) -> tuple[int, torch.Tensor] | None:
-    """Take a new gradient g into the slot of the oldest one.
+    system: dict, dots: torch.Tensor, sq: torch.Tensor, damp: float, ok: torch.Tensor
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Take a new gradient g into the slot of the oldest one, without a host sync.
 
     `dots[i] = <g, g_i>` over the slots filled so far (min(count, m) of them, the
-    evicted slot's entry included and ignored), `sq = <g, g>`. Returns `(slot, w)`
-    with F^{-1} g = G^T w over the rows G of the window after g is written into `slot`,
-    or None (nothing changed) when K is not numerically positive definite.
+    evicted slot's entry included and ignored), `sq = <g, g>` (a 0-d tensor), `ok` a 0-d
+    bool tensor, False when they are not all finite. Returns
+    `(slot, w, ok)`: F^{-1} g = G^T w over the rows G of the window after g is written
+    into `slot`, and `ok` (a 0-d bool tensor) False when g was rejected -- a dot product
+    not finite, or K not numerically positive definite -- in which case w is zero and the
+    system is unchanged (the caller keeps the slot's old row likewise).
     """
     gram, inv = system["gram"], system["inv"]
     m = gram.shape[0]
@@ -69,25 +79,27 @@ def admit(
     row = torch.zeros(k, dtype=F64, device=gram.device)
     row[: dots.numel()] = dots
     row[slot] = sq
+    old = gram[slot, :k]
+    row = torch.where(ok, row, old)  # a harmless stand-in: nothing non-finite enters
 
-    col = None
     if count >= m and slot != m - 1:
-        col = _replace(inv, row, slot, shift)
-    updated = col is not None
-    if not updated:
-        col = _factor(gram, inv, row, slot, shift)
-        if col is None:
-            return None
-    gram[slot, :k] = row
-    gram[:k, slot] = row
+        col, ok = _replace(inv, row, slot, shift, ok)
+    else:
+        col, ok = _factor(gram, inv, row, slot, shift, ok)
+    new_row = torch.where(ok, row, old)
+    gram[slot, :k] = new_row
+    gram[:k, slot] = new_row
     system["count"] = count + 1
-    if updated:
+    if count >= m and slot != m - 1:
         col = _refine(gram, inv, col, slot, shift)
-    return slot, k * col
+    return slot, torch.where(ok, k * col, 0.0), ok
 
 
-def _replace(inv: torch.Tensor, row: torch.Tensor, j: int, shift: float):
-    """Swap slot j of a full window's K^{-1} in place, O(m^2); None if precision is lost."""
+def _replace(inv: torch.Tensor, row: torch.Tensor, j: int, shift: float, ok: torch.Tensor):
+    """Swap slot j of a full window's K^{-1} in place, O(m^2): (column j, ok).
+
+    Nothing changes where `ok` is False on entry or the pivot shows lost precision.
+    """
     b = row.clone()
     b[j] = 0.0
     a = inv[:, j].clone()
@@ -95,17 +107,18 @@ def _replace(inv: torch.Tensor, row: torch.Tensor, j: int, shift: float):
     u = inv @ b - a * (a @ b / a[j])
     u[j] = 0.0
     s = shift + row[j] - b @ u
-    if not bool(s >= 0.5 * shift):
-        return None
+    ok = ok & (s >= 0.5 * shift)
+    s = torch.where(ok, s, 1.0)
     v = u
     v[j] = -1.0
     # inv <- R + v v^T / s: the bordered inverse with the new gradient in slot j.
-    p = torch.stack([a, v], dim=1)
-    scale = torch.stack([-1.0 / a[j], 1.0 / s])
+    p = torch.where(ok, torch.stack([a, v], dim=1), 0.0)
+    scale = torch.where(ok, torch.stack([-1.0 / a[j], 1.0 / s]), 0.0)
     inv.addmm_(p * scale, p.T)
-    inv[:, j] = -v / s
-    inv[j, :] = -v / s
-    return inv[:, j]
+    col = -v / s
+    inv[:, j] = torch.where(ok, col, a)
+    inv[j, :] = torch.where(ok, col, inv[j, :])
+    return inv[:, j], ok
 
 
 def _refine(gram: torch.Tensor, inv: torch.Tensor, col: torch.Tensor, j: int, shift: float):
@@ -115,19 +128,68 @@ def _refine(gram: torch.Tensor, inv: torch.Tensor, col: torch.Tensor, j: int, sh
     return col + inv @ residual
 
 
-def _factor(gram: torch.Tensor, inv: torch.Tensor, row: torch.Tensor, j: int, shift: float):
-    """Column j of K^{-1} by a fresh Cholesky factorisation, O(k^3); None if K is not PD."""
+def _factor(gram: torch.Tensor, inv: torch.Tensor, row: torch.Tensor, j: int, shift: float, ok):
+    """Column j of K^{-1} by a fresh Cholesky factorisation, O(k^3): (column, ok).
+
+    With a full window K^{-1} itself is refreshed (where `ok`). The triangular solves
+    are cuBLAS calls on a GPU: no solver status is read back to the host.
+    """
     k = row.numel()
     mat = gram[:k, :k].clone()
     mat[j, :] = row
     mat[:, j] = row
     mat.diagonal().add_(shift)
     chol, info = torch.linalg.cholesky_ex(mat)
-    if int(info) != 0:
-        return None
+    ok = ok & (info == 0)
+    chol = torch.where(ok, chol, torch.eye(k, dtype=F64, device=row.device))
     if k == inv.shape[0]:
-        inv.copy_(torch.cholesky_inverse(chol))
-        return inv[:, j]
+        eye = torch.eye(k, dtype=F64, device=row.device)
+        half = torch.linalg.solve_triangular(chol, eye, upper=False)  # L^{-1}
+        inv.copy_(torch.where(ok, half.T @ half, inv))
+        return inv[:, j], ok
     unit = torch.zeros(k, 1, dtype=F64, device=row.device)
     unit[j] = 1.0
-    return torch.cholesky_solve(unit, chol)[:, 0]
+    half = torch.linalg.solve_triangular(chol, unit, upper=False)
+    return torch.linalg.solve_triangular(chol.T, half, upper=True)[:, 0], ok
+
+
+def error_estimate(
+    gram: torch.Tensor,
+    w: torch.Tensor,
+    size: torch.Tensor,
+    shift: float,
+    accumulation: float,
+    storage: float,
+) -> torch.Tensor:
+    """An estimate of the relative error of u = G^T w (||u|| = `size`), O(k^2), on the device.
+
+    Two terms relative to ||u||: the dot products that build K carry an error of about
+    acc ||G||_F^2 (acc: the unit roundoff of the products' accumulation), which K^{-1}
+    turns into an error of w of at most ||E|| ||w|| / shift, and G^T maps back with
+    ||G^T K^{-1}|| <= 1 / (2 sqrt(shift)); G^T w itself is a sum of terms up to
+    sum_i |w_i| ||g_i|| that may cancel, each rounded to the window's precision
+    (`storage`: its unit roundoff; a bf16 window rounds every gradient it stores).
+    """
+    k = w.numel()
+    g = gram[:k, :k].diagonal()
+    mixing = accumulation * g.sum() * w.norm() / (2 * shift**0.5)
+    cancel = storage * (w.abs() @ g.clamp_min(0).sqrt())
+    return (mixing + cancel) / size.double().clamp_min(torch.finfo(F64).tiny)
+
+
+def refactor(system: dict, damp: float) -> bool:
+    """Recompute a full window's K^{-1} from the Gram matrix for `damp`; False if K is not PD.
+
+    For loading a window saved with another damp (the Gram matrix does not depend on
+    it). Reads the Cholesky status back to the host: call it at load time, not per step.
+    """
+    gram = system["gram"]
+    m = gram.shape[0]
+    if system["count"] < m:  # warm-up factors K afresh every step
+        return True
+    mat = gram + m * damp * torch.eye(m, dtype=F64, device=gram.device)
+    chol, info = torch.linalg.cholesky_ex(mat)
+    if int(info) != 0:
+        return False
+    system["inv"].copy_(torch.cholesky_inverse(chol))
+    return True

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from gradlane.optimizers import MFAC
 
@@ -103,41 +105,55 @@ def test_momentum_weight_decay_and_param_groups_follow_the_documented_update():
             torch.testing.assert_close(t.detach(), r, rtol=1e-9, atol=1e-10)
 
 
+def _window_state(opt: MFAC) -> dict:
+    """The window's algebra (everything but the cursor and the skipped-step counter)."""
+    return {k: v.clone() for k, v in opt.state["mfac"].items() if k in ("rows", "gram", "inv")}
+
+
+def _assert_unchanged(opt: MFAC, snapshot: dict) -> None:
+    for k, v in snapshot.items():
+        assert torch.equal(opt.state["mfac"][k], v), k
+
+
 def test_non_finite_gradient_is_rejected_and_leaves_everything_untouched():
     p = torch.zeros(30, dtype=F64, requires_grad=True)
     opt = MFAC([p], lr=0.5, ngrads=5, damp=1e-2, momentum=0.5, window_dtype="float64")
     stream = list(gradient_stream(30, steps=9))
     for g in stream[:7]:
         take_step(opt, p, g)
-    snapshot = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state["mfac"].items()}
+    snapshot = _window_state(opt)
     momentum = opt.state[p]["momentum_buffer"].clone()
     for bad in (float("nan"), float("inf")):
         g = stream[7].clone()
         g[3] = bad
         with pytest.warns(RuntimeWarning, match="not finite"):
             assert take_step(opt, p, g).abs().max() == 0
-    assert opt.skipped_steps == 2
-    for k, v in snapshot.items():
-        if torch.is_tensor(v):
-            assert torch.equal(opt.state["mfac"][k], v), k
-        elif k != "skipped":
-            assert opt.state["mfac"][k] == v, k
+    assert opt.skipped_steps == 2 and opt.state["mfac"]["count"] == 9  # the cursor moved on
+    _assert_unchanged(opt, snapshot)
     assert torch.equal(opt.state[p]["momentum_buffer"], momentum)
     assert take_step(opt, p, stream[7]).abs().max() > 0  # and training goes on
+    assert opt.metrics()["mfac/skipped_steps"] == 2
 
 
-def test_gradient_that_makes_the_window_singular_is_rejected():
-    # damp far below fp32 rounding of ||g||^2 = 1e7, and a window of near-copies of g
-    p = torch.zeros(1000, requires_grad=True)
-    opt = MFAC([p], lr=0.1, ngrads=4, damp=1e-12)
-    g = 100 * torch.randn(1000, generator=torch.Generator().manual_seed(0))
-    for i in range(3):
-        take_step(opt, p, g * (1 + 1e-7 * i))
-    gram = opt.state["mfac"]["gram"].clone()
-    with pytest.warns(RuntimeWarning, match="increase damp"):
-        assert take_step(opt, p, g * (1 + 3e-7)).abs().max() == 0
-    assert opt.skipped_steps == 1 and opt.state["mfac"]["count"] == 3
-    assert torch.equal(opt.state["mfac"]["gram"], gram)
+def test_gradient_that_makes_the_window_singular_is_rejected_in_warmup_and_full_window():
+    # integer gradients: every dot product is exact, and damp=1e-20 vanishes next to them,
+    # so a gradient equal to one in the window makes K exactly singular in fp64
+    e = torch.eye(4)
+    p = torch.zeros(4, requires_grad=True)
+    opt = MFAC([p], lr=0.1, ngrads=3, damp=1e-20, momentum=0.0)
+    take_step(opt, p, e[0])
+    before = _window_state(opt)
+    with pytest.warns(RuntimeWarning, match="increase damp"):  # warm-up: Cholesky fails
+        assert take_step(opt, p, e[0]).abs().max() == 0
+    _assert_unchanged(opt, before)
+    assert opt.skipped_steps == 1 and opt.state["mfac"]["rows"][1].abs().max() == 0
+    take_step(opt, p, e[2])  # completes the window: slots e0, (zero), e2
+    take_step(opt, p, e[3])  # replaces e0 (rank-1 update)
+    before = _window_state(opt)
+    with pytest.warns(RuntimeWarning, match="increase damp"):  # rank-1 update: pivot ~ 0
+        assert take_step(opt, p, e[3]).abs().max() == 0
+    _assert_unchanged(opt, before)
+    assert opt.skipped_steps == 2 and opt.state["mfac"]["count"] == 5
 
 
 def _model_and_batches(seed: int):
@@ -273,3 +289,154 @@ def test_changing_requires_grad_after_the_first_step_raises_a_clear_error(which,
     assert message.endswith("build a new optimizer")
     for p, q in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, q)  # nothing was updated
+
+
+def test_loading_with_another_damp_rebuilds_the_inverse_for_it():
+    d, m = 20, 4
+    stream = list(gradient_stream(d, steps=m + 4))
+    p = torch.zeros(d, dtype=F64, requires_grad=True)
+    opt = MFAC([p], lr=1.0, ngrads=m, damp=1e-3, momentum=0.0, window_dtype="float64")
+    for g in stream[: m + 2]:  # full window, mid-lap
+        take_step(opt, p, g)
+    saved = opt.state_dict()
+    assert saved["state"]["mfac"]["settings"]["damp"] == 1e-3
+    other = MFAC([p], lr=1.0, ngrads=m, damp=1e-1, momentum=0.0, window_dtype="float64")
+    other.load_state_dict(saved)
+    for i in range(m + 2, m + 4):
+        want = fisher_solve(stream[i - m + 1 : i + 1], stream[i], 1e-1)
+        got = -take_step(other, p, stream[i])
+        assert ((got - want).norm() / want.norm()).item() < 1e-10
+
+
+@pytest.mark.parametrize(
+    "kwargs,named", [({"ngrads": 8}, "ngrads=4"), ({"window_dtype": "bfloat16"}, "window_dtype")]
+)
+def test_loading_with_another_window_setting_is_refused_naming_it(kwargs, named):
+    model, batches = _model_and_batches(0)
+    opt = MFAC(model.parameters(), ngrads=4)
+    _train(model, opt, batches[:2])
+    other = MFAC(model.parameters(), **{"ngrads": 4, **kwargs})
+    other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match=named) as info:
+        _train(model, other, batches[2:3])
+    assert "\n" not in str(info.value)
+
+
+def test_ema_momentum_is_the_reference_form():
+    d, m, mu, lr = 16, 3, 0.9, 0.5
+    p = torch.zeros(d, dtype=F64, requires_grad=True)
+    opt = MFAC([p], lr=lr, ngrads=m, damp=1e-2, momentum=mu, ema_momentum=True,
+               window_dtype="float64")  # fmt: skip
+    seen, v = [], torch.zeros(d, dtype=F64)
+    for g in gradient_stream(d, steps=2 * m + 1):
+        seen.append(g)
+        v = mu * v + (1 - mu) * fisher_solve(seen[-m:], g, 1e-2)
+        torch.testing.assert_close(take_step(opt, p, g), -lr * v, rtol=1e-9, atol=1e-12)
+
+
+def test_fp16_window_scales_gradients_beyond_its_range():
+    # entries of 1e5 overflow fp16 (max 65504); the window stores g / 2^17 instead
+    d, m = 50, 4
+    stream = [1e5 * g for g in gradient_stream(d, steps=2 * m)]
+    results = {}
+    for dtype in ("float16", "float64"):
+        p = torch.zeros(d, dtype=F64, requires_grad=True)
+        opt = MFAC([p], lr=1.0, ngrads=m, damp=1e6, momentum=0.0, window_dtype=dtype)
+        results[dtype] = torch.stack([take_step(opt, p, g) for g in stream])
+        assert opt.skipped_steps == 0
+    err = (results["float16"] - results["float64"]).norm() / results["float64"].norm()
+    assert err.item() < 5e-3  # fp16 rounds each stored gradient to 11 bits
+
+
+def _random_unit_stream(d: int, steps: int):
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(steps):
+        g = torch.randn(d, generator=gen, dtype=F64)
+        yield (g / g.norm()).float()
+
+
+@pytest.mark.parametrize("damp", [1e-4, 1e-7])
+def test_error_estimate_bounds_the_drift_from_fp64_and_warns_when_large(damp):
+    # more gradients than parameters (d < m): K has m - d eigenvalues at the shift m*damp,
+    # the fp32 window's rounding is amplified by up to 1 / damp
+    d, m = 40, 96
+    ps = [torch.zeros(d, requires_grad=True), torch.zeros(d, dtype=F64, requires_grad=True)]
+    opts = [
+        MFAC([ps[0]], lr=1.0, ngrads=m, damp=damp, momentum=0.0),
+        MFAC([ps[1]], lr=1.0, ngrads=m, damp=damp, momentum=0.0, window_dtype="float64"),
+    ]
+    errors, estimates = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, g in enumerate(_random_unit_stream(d, m + 8)):
+            fp32, fp64 = (take_step(o, p, g).double() for o, p in zip(opts, ps, strict=True))
+            if i >= m:
+                errors.append(((fp32 - fp64).norm() / fp64.norm()).item())
+                estimates.append(opts[0].metrics()["mfac/error_estimate"])
+    assert all(e >= r for e, r in zip(estimates, errors, strict=True))  # an upper bound
+    large = [w for w in caught if "estimated relative error" in str(w.message)]
+    assert min(errors) > (1e-3 if damp == 1e-7 else 0)  # the drift is real at damp 1e-7 ...
+    assert len(large) == (1 if damp == 1e-7 else 0)  # ... and warned about, once
+    fp64_estimate = opts[1].metrics()["mfac/error_estimate"]
+    assert fp64_estimate < 1e-6 * estimates[-1]  # an fp64 window: 2^-53 instead of 2^-24
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on every op that reads a tensor's value back to Python (a GPU sync)."""
+
+    SYNCING = {
+        torch.ops.aten._local_scalar_dense.default,  # .item(), bool(), int(), float()
+        torch.ops.aten.nonzero.default,
+        torch.ops.aten.masked_select.default,
+        torch.ops.aten.equal.default,
+    }
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCING:
+            raise AssertionError(f"host read in an M-FAC step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("window_dtype", ["float32", "bfloat16", "float16"])
+def test_a_step_never_reads_a_tensor_value_on_the_host(window_dtype):
+    model, batches = _model_and_batches(0)
+    groups = [
+        {"params": list(model[0].parameters()), "weight_decay": 0.1},
+        {"params": list(model[2].parameters()), "decoupled_weight_decay": True,
+         "weight_decay": 0.1},
+    ]  # fmt: skip
+    opt = MFAC(groups, lr=0.01, ngrads=3, damp=1e-2, window_dtype=window_dtype)
+    with _NoHostReads(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deferred checks read their copies via numpy
+        _train(model, opt, batches[:8])  # warm-up, lap ends, rank-1 updates
+        model[0].weight.grad[0, 0] = float("nan")  # a rejected step
+        opt.step()
+    assert opt.skipped_steps == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("window_dtype", ["float32", "bfloat16"])
+def test_cuda_step_does_not_synchronize(window_dtype):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
+    model = model.cuda()
+    opt = MFAC(model.parameters(), lr=1e-3, ngrads=4, damp=1e-2, window_dtype=window_dtype)
+    x = torch.randn(32, 64, device="cuda")
+    cpu_model = torch.nn.Sequential(
+        torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)
+    )
+    cpu_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+    cpu_opt = MFAC(cpu_model.parameters(), lr=1e-3, ngrads=4, damp=1e-2, window_dtype=window_dtype)
+    for _ in range(10):  # warm-up, lap ends and rank-1 updates
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        cpu_opt.zero_grad()
+        cpu_model(x.cpu()).square().mean().backward()
+        cpu_opt.step()
+    assert opt.skipped_steps == 0
+    for p, q in zip(model.parameters(), cpu_model.parameters(), strict=True):
+        torch.testing.assert_close(p.cpu(), q, rtol=1e-3, atol=1e-5)
