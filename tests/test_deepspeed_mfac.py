@@ -1,4 +1,4 @@
-"""M-FAC as a DeepSpeed client optimizer: 2 CPU ranks on gloo, ZeRO stages 0, 1 and 2."""
+"""M-FAC as a DeepSpeed client optimizer: 2 CPU ranks on gloo, ZeRO 0, 1, 2 (3 is refused)."""
 
 from __future__ import annotations
 
@@ -77,6 +77,13 @@ def deepspeed_ranks(rank, world, ckpt_dir):
     out["resume_count"] = resumed_opt.state["mfac"]["count"]
     _train(resumed, batch, 5)
     out["resume"] = (_flat(model), _flat(resumed_model))
+    # ZeRO-3 partitions the model's parameters themselves: refused, not silently per-shard
+    try:
+        engine, _, _ = _engine(3, seed=0)
+        _train(engine, batch, 1)
+        out["zero3"] = None
+    except ValueError as err:
+        out["zero3"] = str(err)
     return out
 
 
@@ -100,3 +107,4 @@ def test_deepspeed_zero_stages_train_with_mfac(tmp_path):
     for out in ranks:
         assert out["resume_count"] == 4
         assert torch.equal(*out["resume"])
+        assert "sharded by DeepSpeed ZeRO-3" in out["zero3"], out["zero3"]

@@ -172,3 +172,32 @@ def test_freezing_before_the_first_step_under_ddp_equals_one_process():
         ):
             assert r["layout"] == layout and r["window"] == (5, width)
             torch.testing.assert_close(r["params"], want, rtol=1e-10, atol=1e-12)
+
+
+def wrapper_sharded(rank, world):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import fully_shard
+
+    messages = {}
+    for name in ("fsdp", "fsdp_orig_params", "fully_shard"):
+        model = _model(torch.float32)
+        if name == "fully_shard":
+            fully_shard(model)
+        else:
+            cpu = torch.device("cpu")
+            model = FSDP(model, device_id=cpu, use_orig_params=name == "fsdp_orig_params")
+        try:
+            MFAC(model.parameters(), **SETTINGS)
+            messages[name] = None
+        except ValueError as err:
+            messages[name] = str(err)
+    return messages
+
+
+def test_parameters_sharded_by_fsdp_are_refused_with_a_clear_error():
+    messages = run_ranks(wrapper_sharded, 2)[0]
+    assert "FSDP (a flat or flattened parameter)" in messages["fsdp"]
+    assert "FSDP (a flat or flattened parameter)" in messages["fsdp_orig_params"]
+    assert "DTensor (FSDP2 fully_shard" in messages["fully_shard"]
+    for message in messages.values():
+        assert "\n" not in message and "ZeRO stage 1 or 2" in message
