@@ -3,5 +3,5 @@
 One import line per module; each public name is re-exported here.
 """
 
-from .evonorm import NORMS, EvoNormB0, EvoNormS0, convert_norms, evonorm  # noqa: F401
+from .evonorm import IMPLS, NORMS, WITHOUT_ACT, EvoNormB0, EvoNormS0, convert_norms, evonorm  # noqa: F401
 from .hyper import ENCODINGS, HyperNet, Hypernetized, hypernetize, mip_encode  # noqa: F401

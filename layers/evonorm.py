@@ -15,10 +15,18 @@ Each layer is one custom op (`torch.ops.gradlane.evonorm_b0` / `evonorm_s0`) wit
 a hand-written backward: the forward saves only x and per-(sample, channel)
 statistics and the backward recomputes the elementwise terms in place, so
 autograd keeps about a third of what the composed torch ops keep and allocates
-few full-size buffers. Statistics are single-pass sums of x and x^2 in fp32 or wider
-(also for fp16 / bf16 inputs), combined across samples or channels exactly;
-their relative error is about 1e-7 * (1 + mean^2 / var). Being custom ops, the
-layers also run under TorchScript and `torch.compile`.
+few full-size buffers. Statistics are two-pass (mean, then the mean of (x - mean)^2)
+in fp32 or wider (also for fp16 / bf16 inputs), combined across samples or channels
+exactly (Chan et al.: the variance of the union is the mean of the variances plus the
+variance of the means), so a large offset (mean^2 >> var) costs no precision. Being
+custom ops, the layers also run under TorchScript and `torch.compile` of a whole model
+(no graph break).
+
+`impl` picks how the op's body runs: "eager" (PyTorch operations, a few full-size
+passes each) or "compiled" (the same forward and backward bodies compiled by
+`torch.compile`: inductor fuses them into a few loops, Triton kernels on a GPU; the
+first call per shape compiles). `impl=None` takes, when the layer is built,
+CUDA_DEFAULT_IMPL for CUDA inputs and "eager" for the others.
 """
 
 from __future__ import annotations
@@ -61,12 +69,45 @@ def _channel(p: Tensor, x: Tensor) -> Tensor:
 
 
 def _instance_moments(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance over the spatial dims per (sample, channel), >= fp32, keepdim."""
+    """Mean (fp64) and biased variance (>= fp32) per (sample, channel) over the spatial dims.
+
+    Two passes: the mean, summed in fp64, then the variance as the mean of (x - c)^2
+    about c, the mean rounded to the statistics dtype, corrected by (mean - c)^2. The
+    one-pass E[x^2] - E[x]^2 loses every digit of a variance 1e-6 of mean^2 in fp32; here
+    the error is about 1e-7 of the variance whatever the offset, and the fp64 mean keeps
+    the differences of means accurate when samples or channels are combined.
+    """
     dims, count = _dims(x), _count(x)
     xf = x.to(_acc(x))
-    mean = _sum(xf, dims) / count
-    sq = torch.linalg.vector_norm(xf, 2, dims, keepdim=True).square_() / count
-    return mean, (sq - mean.square()).clamp_min_(0)
+    mean = xf.sum(dims, keepdim=True, dtype=torch.float64) / count
+    c = mean.to(xf.dtype)
+    centered = xf.sub_(c) if xf is not x else xf - c
+    var = torch.linalg.vector_norm(centered, 2, dims, keepdim=True).square_() / count
+    return mean, var - (mean - c).square().to(var.dtype)
+
+
+IMPLS = ("eager", "compiled")
+# the impl of a layer with impl=None on a CUDA input ("eager" elsewhere). Provisional:
+# `benchmarks/evonorm.py --device cuda` measures every impl against timm and compiled timm.
+CUDA_DEFAULT_IMPL = "compiled"
+_COMPILED: dict = {}
+
+
+def _body(fn, impl: str):
+    """`fn` itself, or (impl "compiled") `fn` compiled by torch.compile, built on first use.
+
+    Inside an outer torch.compile trace the plain body is traced into the outer graph.
+    """
+    if impl == "eager" or torch.compiler.is_compiling():
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+    return _COMPILED[fn]
+
+
+def _check_impl(impl: str | None, what: str) -> None:
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"{what}: impl={impl!r} is not one of {', '.join(IMPLS)} (or None)")
 
 
 def _check(x: Tensor, num_features: int, what: str) -> None:
@@ -80,6 +121,22 @@ def _check(x: Tensor, num_features: int, what: str) -> None:
 # ---- EvoNorm-B0 -------------------------------------------------------------------------------
 
 
+def _b0_forward(x, v, weight, bias, running_var, eps: float, training: bool):
+    xs = _spatial(x)
+    mean_i, var_i = _instance_moments(xs)
+    if training:  # Chan et al.: mean of the variances plus variance of the means
+        mean_b = mean_i.mean(0, keepdim=True)
+        spread = (mean_i - mean_b).square().mean(0, keepdim=True)
+        var_b = var_i.mean(0, keepdim=True) + spread.to(var_i.dtype)
+    else:
+        var_b = running_var.to(var_i.dtype).view_as(var_i[:1])
+    mean_i = mean_i.to(var_i.dtype)
+    y = torch.addcmul((var_i + eps).sqrt_().to(x.dtype), xs, _channel(v, xs))  # v x + s_i
+    y.clamp_(min=(var_b + eps).sqrt().to(x.dtype))  # max(s_b, v x + s_i)
+    y.reciprocal_().mul_(_channel(weight, xs)).mul_(xs).add_(_channel(bias, xs))
+    return y.view_as(x), mean_i, var_i, var_b.view(-1).clone()
+
+
 @torch.library.custom_op("gradlane::evonorm_b0", mutates_args=())
 def evonorm_b0(
     x: Tensor,
@@ -89,48 +146,44 @@ def evonorm_b0(
     running_var: Tensor,
     eps: float,
     training: bool,
+    impl: str = "eager",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """EvoNorm-B0 forward: (y, instance mean, instance var, batch var), stats in >= fp32."""
     _check(x, weight.numel(), "EvoNormB0")
-    xs = _spatial(x)
-    mean_i, var_i = _instance_moments(xs)
-    if training:
-        mean_b = mean_i.mean(0, keepdim=True)
-        var_b = var_i.mean(0, keepdim=True) + (mean_i - mean_b).square().mean(0, keepdim=True)
-    else:
-        var_b = running_var.to(mean_i.dtype).view_as(mean_i[:1])
-    y = torch.addcmul((var_i + eps).sqrt_().to(x.dtype), xs, _channel(v, xs))  # v x + s_i
-    y.clamp_(min=(var_b + eps).sqrt().to(x.dtype))  # max(s_b, v x + s_i)
-    torch.div(_channel(weight, xs), y, out=y)
-    torch.addcmul(_channel(bias, xs), xs, y, out=y)
-    return y.view_as(x), mean_i, var_i, var_b.view(-1).clone()
+    return _body(_b0_forward, impl)(x, v, weight, bias, running_var, eps, training)
 
 
 @evonorm_b0.register_fake
-def _(x, v, weight, bias, running_var, eps, training):
+def _(x, v, weight, bias, running_var, eps, training, impl="eager"):
     stats = x.new_empty(_spatial(x).shape[:2] + (1,) * max(1, x.dim() - 2), dtype=_acc(x))
     return torch.empty_like(x), stats, torch.empty_like(stats), stats.new_empty(x.shape[1])
 
 
 def _b0_setup(ctx, inputs, output) -> None:
-    x, v, weight, _, running_var, eps, training = inputs
+    x, v, weight, _, running_var, eps, training, *impl = inputs
     _, mean_i, var_i, var_b = output
     ctx.mark_non_differentiable(mean_i, var_i, var_b)
-    ctx.eps, ctx.training = eps, training
+    ctx.eps, ctx.training, ctx.impl = eps, training, impl[0] if impl else "eager"
     ctx.save_for_backward(x, v, weight, mean_i, var_i, var_b)
 
 
 def _b0_backward(ctx, grad, *_):
-    """Gradients of B0, recomputing d = max(s_b, v x + s_i) from x.
+    x, v, weight, mean_i, var_i, var_b = ctx.saved_tensors
+    body = _body(_b0_grads, ctx.impl)
+    grads = body(grad, x, v, weight, mean_i, var_i, var_b, ctx.eps, ctx.training)
+    return (*grads, None, None, None, None)
+
+
+def _b0_grads(grad, x, v, weight, mean_i, var_i, var_b, eps: float, training: bool):
+    """Gradients of B0 (x, v, gamma, beta), recomputing d = max(s_b, v x + s_i) from x.
 
     With q = -gamma g x / d^2 (the gradient w.r.t. d), R the elements where the
     right branch wins and L the rest: dx = gamma g / d + [R] q v + d s_i/dx sum_R q
     + d s_b/dx sum_L q, dv = sum_R q x, where d s/dx = (x - mean) / (count s).
     """
-    x, v, weight, mean_i, var_i, var_b = ctx.saved_tensors
     shape, x = x.shape, _spatial(x)
     g = _spatial(grad).to(x.dtype)
-    dims, eps = _dims(x), ctx.eps
+    dims = _dims(x)
     count = _count(x)
     std_i, std_b = (var_i + eps).sqrt(), (var_b.view(1, -1, *(1,) * len(dims)) + eps).sqrt()
     w, wv = _channel(weight, x), _channel(weight * v, x)
@@ -150,7 +203,7 @@ def _b0_backward(ctx, grad, *_):
     wf = weight.to(std_b.dtype).view_as(std_b)
     coef = -wf * q_right / (std_i * count)  # d loss / d s_i  *  d s_i / d x, per (n, c)
     shift = coef * mean_i
-    if ctx.training:
+    if training:
         coef_b = -wf * (q_all - q_right).sum(0, keepdim=True) / (std_b * x.shape[0] * count)
         coef = coef + coef_b
         shift = shift + coef_b * mean_i.mean(0, keepdim=True)
@@ -162,9 +215,6 @@ def _b0_backward(ctx, grad, *_):
         grad_v.to(v.dtype),
         grad_weight.to(weight.dtype),
         grad_bias.to(weight.dtype),
-        None,
-        None,
-        None,
     )
 
 
@@ -177,20 +227,24 @@ class EvoNormB0(nn.Module):
     Training uses the batch variance and updates `running_var` like timm
     (momentum, unbiased n / (n - 1)); eval uses `running_var`. Parameter and
     buffer names match timm's `EvoNorm2dB0`, so state dicts load across.
+    `momentum=None` keeps a cumulative average instead, as BatchNorm does (with a
+    `num_batches_tracked` buffer). `impl`: see the module docstring.
     """
 
     def __init__(
         self,
         num_features: int,
         apply_act: bool = True,
-        momentum: float = 0.1,
+        momentum: float | None = 0.1,
         eps: float = 1e-3,
+        impl: str | None = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"EvoNormB0: momentum={momentum} must be in (0, 1]")
+        if momentum is not None and not 0.0 < momentum <= 1.0:
+            raise ValueError(f"EvoNormB0: momentum={momentum} must be in (0, 1] or None")
+        _check_impl(impl, "EvoNormB0")
         dd = {"device": device, "dtype": dtype}
         self.num_features, self.apply_act, self.momentum, self.eps = (
             num_features,
@@ -198,24 +252,36 @@ class EvoNormB0(nn.Module):
             momentum,
             eps,
         )
+        self.cuda_impl, self.cpu_impl = impl or CUDA_DEFAULT_IMPL, impl or "eager"
         self.weight = nn.Parameter(torch.ones(num_features, **dd))
         self.bias = nn.Parameter(torch.zeros(num_features, **dd))
         self.v = nn.Parameter(torch.ones(num_features, **dd)) if apply_act else None
         self.register_buffer("running_var", torch.ones(num_features, **dd))
+        if momentum is None:
+            self.register_buffer(
+                "num_batches_tracked", torch.zeros((), dtype=torch.long, device=device)
+            )
 
     def forward(self, x: Tensor) -> Tensor:
         v = self.v
         if v is None:
             shape = [1, -1] + [1] * (x.dim() - 2)
             return x * self.weight.to(x.dtype).view(shape) + self.bias.to(x.dtype).view(shape)
+        impl = self.cuda_impl if x.is_cuda else self.cpu_impl
         y, _, _, var_b = torch.ops.gradlane.evonorm_b0(
-            x, v, self.weight, self.bias, self.running_var, self.eps, self.training
+            x, v, self.weight, self.bias, self.running_var, self.eps, self.training, impl
         )
         if self.training:
             n = x.numel() // x.shape[1]
             with torch.no_grad():
-                unbiased = var_b * (n / max(n - 1, 1))
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+                unbiased = (var_b * (n / max(n - 1, 1))).to(self.running_var.dtype)
+                momentum = self.momentum
+                if momentum is None:  # cumulative average: weight 1 / (batches so far)
+                    self.num_batches_tracked.add_(1)
+                    weight = self.num_batches_tracked.reciprocal().to(unbiased.dtype)
+                    self.running_var.lerp_(unbiased, weight)
+                else:
+                    self.running_var.lerp_(unbiased, momentum)
         return y
 
     def extra_repr(self) -> str:
@@ -231,50 +297,66 @@ def _group_stats(xs: Tensor, groups: int, eps: float) -> tuple[Tensor, Tensor]:
     n, c = xs.shape[:2]
     mi, vi = mean_i.view(n, groups, c // groups), var_i.view(n, groups, c // groups)
     mean_g = mi.mean(2, keepdim=True)
-    var_g = vi.mean(2, keepdim=True) + (mi - mean_g).square().mean(2, keepdim=True)
-    std_g = (var_g + eps).sqrt_()
-    shape = mean_i.shape
-    return mean_g.expand_as(mi).reshape(shape), std_g.expand_as(vi).reshape(shape)
+    spread = (mi - mean_g).square().mean(2, keepdim=True)
+    std_g = (vi.mean(2, keepdim=True) + spread.to(vi.dtype) + eps).sqrt_()
+    shape = var_i.shape
+    mean_g = mean_g.to(var_i.dtype).expand_as(vi).reshape(shape)
+    return mean_g, std_g.expand_as(vi).reshape(shape)
 
 
-@torch.library.custom_op("gradlane::evonorm_s0", mutates_args=())
-def evonorm_s0(
-    x: Tensor, v: Tensor, weight: Tensor, bias: Tensor, groups: int, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """EvoNorm-S0 forward: (y, group mean, group std), the stats per channel in >= fp32."""
-    _check(x, weight.numel(), "EvoNormS0")
+def _s0_forward(x, v, weight, bias, groups: int, eps: float):
     xs = _spatial(x)
     mean_g, std_g = _group_stats(xs, groups, eps)
     y = torch.mul(xs, _channel(v, xs)).sigmoid_().mul_(xs)  # x sigmoid(v x)
     scale = (weight.to(std_g.dtype).view_as(std_g[:1]) / std_g).to(x.dtype)
-    torch.addcmul(_channel(bias, xs), y, scale, out=y)
+    y.mul_(scale).add_(_channel(bias, xs))
     return y.view_as(x), mean_g, std_g
 
 
+@torch.library.custom_op("gradlane::evonorm_s0", mutates_args=())
+def evonorm_s0(
+    x: Tensor,
+    v: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    groups: int,
+    eps: float,
+    impl: str = "eager",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """EvoNorm-S0 forward: (y, group mean, group std), the stats per channel in >= fp32."""
+    _check(x, weight.numel(), "EvoNormS0")
+    return _body(_s0_forward, impl)(x, v, weight, bias, groups, eps)
+
+
 @evonorm_s0.register_fake
-def _(x, v, weight, bias, groups, eps):
+def _(x, v, weight, bias, groups, eps, impl="eager"):
     stats = x.new_empty(_spatial(x).shape[:2] + (1,) * max(1, x.dim() - 2), dtype=_acc(x))
     return torch.empty_like(x), stats, torch.empty_like(stats)
 
 
 def _s0_setup(ctx, inputs, output) -> None:
-    x, v, weight, _, groups, _ = inputs
+    x, v, weight, _, groups, _, *impl = inputs
     _, mean_g, std_g = output
     ctx.mark_non_differentiable(mean_g, std_g)
-    ctx.groups = groups
+    ctx.groups, ctx.impl = groups, impl[0] if impl else "eager"
     ctx.save_for_backward(x, v, weight, mean_g, std_g)
 
 
 def _s0_backward(ctx, grad, *_):
-    """Gradients of S0, recomputing s = sigmoid(v x) from x.
+    x, v, weight, mean_g, std_g = ctx.saved_tensors
+    grads = _body(_s0_grads, ctx.impl)(grad, x, v, weight, mean_g, std_g, ctx.groups)
+    return (*grads, None, None, None)
+
+
+def _s0_grads(grad, x, v, weight, mean_g, std_g, groups: int):
+    """Gradients of S0 (x, v, gamma, beta), recomputing s = sigmoid(v x) from x.
 
     With k = gamma / s_g and A = x s (1 - s): dx = g k (s + v A) + d s_g/dx * sum
     over the group of (-g k x s / s_g), dv = sum g k x A, dgamma = sum g x s / s_g.
     """
-    x, v, weight, mean_g, std_g = ctx.saved_tensors
     shape, x = x.shape, _spatial(x)
     g = _spatial(grad).to(x.dtype)
-    dims, groups = _dims(x), ctx.groups
+    dims = _dims(x)
     n, c = x.shape[:2]
     count = c // groups * _count(x)
     wf = weight.to(std_g.dtype).view_as(std_g[:1])
@@ -284,7 +366,7 @@ def _s0_backward(ctx, grad, *_):
     buf = torch.mul(x, sig).mul_(g)  # g x s
     gxs = _sum(buf, dims)
     grad_weight = (gxs / std_g).sum(0).view(-1)
-    torch.ops.aten.sigmoid_backward.grad_input(x, sig, grad_input=buf)  # A = x s (1 - s)
+    buf.copy_(sig).mul_(sig).sub_(sig).mul_(x).neg_()  # A = x s (1 - s)
     sig.addcmul_(buf, _channel(v, x))  # s + v A
     grad_v = (k * _sum(buf.mul_(x).mul_(g), dims)).sum(0).view(-1)
     sig.mul_(k.to(x.dtype))
@@ -293,15 +375,14 @@ def _s0_backward(ctx, grad, *_):
     d_std = -(k * gxs / std_g).view(n, groups, -1).sum(2, keepdim=True)
     coef = (d_std / (std_g.view(n, groups, -1) * count)).expand(n, groups, c // groups)
     coef = coef.reshape(std_g.shape)
-    torch.addcmul((-coef * mean_g).to(x.dtype), g, sig, out=buf)
+    buf.copy_(g).mul_(sig).add_((-coef * mean_g).to(x.dtype))
     buf.addcmul_(x, coef.to(x.dtype))
+    grad_bias = g.sum((0,) + dims, dtype=_acc(x))
     return (
         buf.view(shape),
         grad_v.to(v.dtype),
         grad_weight.to(weight.dtype),
-        g.sum((0,) + dims, dtype=_acc(x)).to(weight.dtype),
-        None,
-        None,
+        grad_bias.to(weight.dtype),
     )
 
 
@@ -312,7 +393,7 @@ class EvoNormS0(nn.Module):
     """EvoNorm-S0 for (N, C, *spatial) inputs of any rank >= 2: batch-independent.
 
     `groups` (or `group_size`, channels per group) sets the group std; parameter
-    names match timm's `EvoNorm2dS0`.
+    names match timm's `EvoNorm2dS0`. `impl`: see the module docstring.
     """
 
     def __init__(
@@ -322,10 +403,13 @@ class EvoNormS0(nn.Module):
         group_size: int | None = None,
         apply_act: bool = True,
         eps: float = 1e-5,
+        impl: str | None = None,
         device=None,
         dtype=None,
     ):
         super().__init__()
+        _check_impl(impl, "EvoNormS0")
+        self.cuda_impl, self.cpu_impl = impl or CUDA_DEFAULT_IMPL, impl or "eager"
         if group_size:
             groups = num_features // group_size if num_features % group_size == 0 else 0
         if groups < 1 or num_features % groups:
@@ -349,7 +433,10 @@ class EvoNormS0(nn.Module):
         if v is None:
             shape = [1, -1] + [1] * (x.dim() - 2)
             return x * self.weight.to(x.dtype).view(shape) + self.bias.to(x.dtype).view(shape)
-        y, _, _ = torch.ops.gradlane.evonorm_s0(x, v, self.weight, self.bias, self.groups, self.eps)
+        impl = self.cuda_impl if x.is_cuda else self.cpu_impl
+        y, _, _ = torch.ops.gradlane.evonorm_s0(
+            x, v, self.weight, self.bias, self.groups, self.eps, impl
+        )
         return y
 
     def extra_repr(self) -> str:
@@ -381,7 +468,7 @@ def _from_batchnorm(target: str, bn: _BatchNorm, apply_act: bool) -> nn.Module:
     """An EvoNorm that starts from `bn`'s affine parameters (and, for B0, its running variance)."""
     ref = bn.weight if bn.weight is not None else bn.running_var
     dd = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-    extra = {"momentum": bn.momentum or 0.1} if target == "evonorm_b0" else {}
+    extra = {"momentum": bn.momentum} if target == "evonorm_b0" else {}
     layer = evonorm(target, bn.num_features, apply_act=apply_act, **extra, **dd)
     with torch.no_grad():
         if bn.affine:
@@ -389,6 +476,8 @@ def _from_batchnorm(target: str, bn: _BatchNorm, apply_act: bool) -> nn.Module:
             layer.bias.copy_(bn.bias)
         if target == "evonorm_b0" and bn.running_var is not None:
             layer.running_var.copy_(bn.running_var)
+        if getattr(layer, "num_batches_tracked", None) is not None and bn.track_running_stats:
+            layer.num_batches_tracked.copy_(bn.num_batches_tracked)
     return layer
 
 
@@ -421,23 +510,36 @@ def _follow(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node | Non
     return None, ""
 
 
-def convert_norms(model: nn.Module, target: str, strict: bool = False) -> nn.Module:
+WITHOUT_ACT = ("affine", "keep", "error")
+
+
+def convert_norms(
+    model: nn.Module, target: str, strict: bool = False, without_act: str | None = None
+) -> nn.Module:
     """Replace the BatchNorm layers of `model` by EvoNorm (`target` = "evonorm_b0" | "evonorm_s0").
 
     A BatchNorm followed by ReLU (module, function or method, possibly through
     Identity / Dropout) becomes one EvoNorm with its activation and the ReLU
-    goes; a BatchNorm not followed by an activation (e.g. before a residual add)
-    becomes the affine-only EvoNorm, as in the paper's ResNets. The graph is
-    found with `torch.fx`. When module swaps suffice the model is converted in
-    place and returned; when a ReLU is shared with other call sites (torchvision
-    ResNets) or functional, the rewritten `fx.GraphModule` is returned: always
-    use the returned model. BatchNorms it cannot convert (followed by another
-    activation, called more than once, or not reached by the trace) are listed
-    in a warning, or raise `ValueError` when `strict`.
+    goes. A BatchNorm not followed by an activation (before a residual add, but also
+    BN -> Linear or BN -> MaxPool -> ReLU) has no EvoNorm counterpart; `without_act`
+    says what happens to it: "affine" turns it into the affine-only EvoNorm, as in the
+    paper's ResNets and timm (its normalisation is gone), "keep" leaves the BatchNorm,
+    "error" raises ValueError; None (default) is "affine" with a warning that lists them.
+    A BatchNorm with momentum=None (a cumulative average) becomes an EvoNorm-B0 with
+    momentum=None. The graph is found with `torch.fx`. When module swaps suffice the
+    model is converted in place and returned; when a ReLU is shared with other call
+    sites (torchvision ResNets) or functional, the rewritten `fx.GraphModule` is
+    returned: always use the returned model. BatchNorms it cannot convert (followed by
+    another activation, called more than once, or not reached by the trace) are listed
+    in a warning, or raise `ValueError` when `strict`. Nothing changes before an error.
     """
     if target not in NORMS:
         allowed = ", ".join(NORMS)
         raise ValueError(f"target={target!r} is not a conversion target; allowed: {allowed}")
+    if without_act is not None and without_act not in WITHOUT_ACT:
+        raise ValueError(
+            f"without_act={without_act!r} is not allowed; allowed: {', '.join(WITHOUT_ACT)}"
+        )
     try:
         gm = fx.symbolic_trace(model)
     except Exception as err:  # noqa: BLE001 - fx raises many kinds; report them all the same way
@@ -468,6 +570,21 @@ def convert_norms(model: nn.Module, target: str, strict: bool = False) -> nn.Mod
         if strict:
             raise ValueError(f"convert_norms: cannot convert {len(skipped)} layer(s): {msg}")
         warnings.warn(f"convert_norms: left {len(skipped)} BatchNorm layer(s): {msg}", stacklevel=2)
+    bare = [bn.target for bn, act in plan if act is None]
+    if bare and without_act == "error":
+        raise ValueError(
+            f"convert_norms: {len(bare)} BatchNorm layer(s) not followed by an activation: "
+            f"{', '.join(bare)} (without_act='error'; 'affine' or 'keep' converts the rest)"
+        )
+    if bare and without_act is None:
+        warnings.warn(
+            f"convert_norms: {len(bare)} BatchNorm layer(s) not followed by an activation "
+            f"became affine-only EvoNorm, without normalisation: {', '.join(bare)}; pass "
+            "without_act='affine' to accept, 'keep' to leave them BatchNorm, 'error' to refuse",
+            stacklevel=2,
+        )
+    if without_act == "keep":
+        plan = [(bn, act) for bn, act in plan if act is not None]
 
     def swappable(act: fx.Node | None) -> bool:
         return act is None or (act.op == "call_module" and len(calls[act.target]) == 1)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from gradlane.layers import EvoNormB0, EvoNormS0, convert_norms, evonorm
+from gradlane.layers import IMPLS, EvoNormB0, EvoNormS0, convert_norms, evonorm
 
 CL = torch.channels_last
 
@@ -256,8 +256,9 @@ def test_torchscript_matches_eager(apply_act):
         assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_torch_compile_matches_eager():
-    eager = nn.Sequential(EvoNormB0(8), nn.Conv2d(8, 8, 1), EvoNormS0(8, groups=4))
+def test_torch_compile_of_a_whole_model_has_no_graph_break_and_matches_eager():
+    # fullgraph=True: a graph break would raise. The S0 layer's own body is compiled too.
+    eager = nn.Sequential(EvoNormB0(8), nn.Conv2d(8, 8, 1), EvoNormS0(8, groups=4, impl="compiled"))
     compiled = torch.compile(eager, fullgraph=True)
     x = torch.randn(4, 8, 6, 6)
     g = torch.randn(4, 8, 6, 6)
@@ -324,7 +325,7 @@ def test_convert_sequential_in_place(target):
     old_bn1 = model[1]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = convert_norms(model, target)
+        out = convert_norms(model, target, without_act="affine")
     assert out is model
     cls = EvoNormB0 if target == "evonorm_b0" else EvoNormS0
     assert isinstance(model[1], cls) and model[1].apply_act
@@ -376,7 +377,7 @@ class FunctionalRelu(nn.Module):
 
 def test_convert_shared_relu_rewrites_the_graph():
     block = SharedReluBlock()
-    out = convert_norms(block, "evonorm_s0")
+    out = convert_norms(block, "evonorm_s0", without_act="affine")
     assert isinstance(out, fx.GraphModule)
     assert isinstance(block.bn1, nn.BatchNorm2d)  # the original is left as it was
     assert isinstance(out.bn1, EvoNormS0) and out.bn1.apply_act
@@ -415,7 +416,7 @@ class Unconvertible(nn.Module):
 def test_unconvertible_layers_are_reported():
     model = Unconvertible()
     with pytest.warns(UserWarning, match="left 3 BatchNorm") as record:
-        out = convert_norms(model, "evonorm_b0")
+        out = convert_norms(model, "evonorm_b0", without_act="affine")
     msg = str(record[0].message)
     assert "bn_silu (followed by SiLU" in msg
     assert "bn_twice (called 2 times" in msg
@@ -450,7 +451,7 @@ def test_convert_timm_resnet(target):
     model = resnet.resnet18(num_classes=10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = convert_norms(model, target)
+        out = convert_norms(model, target, without_act="affine")
     assert out is model  # timm's blocks have one ReLU module per call site: swapped in place
     norms = [m for m in model.modules() if isinstance(m, (EvoNormB0, EvoNormS0))]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
@@ -461,3 +462,108 @@ def test_convert_timm_resnet(target):
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     model(x).sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+# ---- numerics, impls, BatchNorm conversion choices ---------------------------------------
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+@pytest.mark.parametrize("kind", ["b0", "s0"])
+def test_large_offsets_keep_full_precision_against_fp64(kind, offset):
+    # one-pass E[x^2] - E[x]^2 in fp32 cancels here (the S0 output was off by 100x)
+    layer = randomize(EvoNormB0(16) if kind == "b0" else EvoNormS0(16, groups=4))
+    ref = randomize(EvoNormB0(16) if kind == "b0" else EvoNormS0(16, groups=4)).double()
+    x = torch.randn(4, 16, 12, 12, generator=torch.Generator().manual_seed(3)) * 0.5 + offset
+    for training in (True, False):
+        layer.train(training)
+        ref.train(training)
+        if not training and kind == "b0":
+            ref.running_var.copy_(layer.running_var)
+        y, want = layer(x), ref(x.double())
+        err = ((y.double() - want).abs().max() / want.abs().max()).item()
+        assert err < 1e-5, (training, err)
+
+
+@pytest.mark.parametrize("kind", ["b0", "s0"])
+def test_compiled_impl_matches_eager(kind):
+    layers = [
+        randomize(EvoNormB0(8, impl=impl) if kind == "b0" else EvoNormS0(8, 4, impl=impl))
+        for impl in ("eager", "compiled")
+    ]
+    x = torch.randn(4, 8, 6, 6).contiguous(memory_format=CL)
+    g = torch.randn(4, 8, 6, 6)
+    (y1, dx1, dp1), (y2, dx2, dp2) = (grads(layer, x, g) for layer in layers)
+    close(y2, y1)
+    close(dx2, dx1, 1e-4)
+    for k in dp1:
+        close(dp2[k], dp1[k], 1e-4)
+    with pytest.raises(ValueError, match="impl='triton' is not one of eager, compiled"):
+        EvoNormB0(8, impl="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["b0", "s0"])
+def test_cuda_impls_match_the_cpu(kind, dtype):
+    x = torch.randn(4, 32, 10, 10) * 0.5 + 100
+    g = torch.randn(4, 32, 10, 10)
+    cpu = randomize(EvoNormB0(32) if kind == "b0" else EvoNormS0(32, 8))
+    want = grads(cpu, x, g)
+    for impl in IMPLS:
+        layer = randomize(EvoNormB0(32, impl=impl) if kind == "b0" else EvoNormS0(32, 8, impl=impl))
+        layer = layer.cuda()
+        got = grads(layer, x.cuda().to(dtype), g.cuda().to(dtype))
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        close(got[0].float().cpu(), want[0], tol)
+        close(got[1].float().cpu(), want[1], tol)
+
+
+def test_batchnorm_without_activation_choices():
+    class Head(nn.Module):  # BN -> Linear and BN -> MaxPool -> ReLU, beside one BN -> ReLU
+        def __init__(self):
+            super().__init__()
+            self.bn_relu, self.bn_pool, self.bn_fc = (
+                nn.BatchNorm2d(4),
+                nn.BatchNorm2d(4),
+                nn.BatchNorm1d(4),
+            )
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            x = torch.relu(self.bn_relu(x))
+            x = torch.relu(F.max_pool2d(self.bn_pool(x), 2))
+            return self.fc(self.bn_fc(x.mean((2, 3))))
+
+    with pytest.warns(
+        UserWarning, match="2 BatchNorm layer.* not followed by an activation"
+    ) as rec:
+        out = convert_norms(Head(), "evonorm_s0")
+    assert "bn_pool, bn_fc; pass without_act='affine'" in str(rec[0].message)
+    assert isinstance(out.bn_fc, EvoNormS0) and not out.bn_fc.apply_act
+    kept = convert_norms(Head(), "evonorm_s0", without_act="keep")
+    assert isinstance(kept.bn_pool, nn.BatchNorm2d) and isinstance(kept.bn_fc, nn.BatchNorm1d)
+    assert isinstance(kept.bn_relu, EvoNormS0) and kept.bn_relu.apply_act
+    head = Head()
+    with pytest.raises(ValueError, match="not followed by an activation: bn_pool, bn_fc"):
+        convert_norms(head, "evonorm_b0", without_act="error")
+    assert isinstance(head.bn_relu, nn.BatchNorm2d)  # nothing changed before the error
+    with pytest.raises(ValueError, match="without_act='drop' is not allowed"):
+        convert_norms(Head(), "evonorm_b0", without_act="drop")
+
+
+def test_cumulative_batchnorm_becomes_a_cumulative_evonorm_b0():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, momentum=None), nn.ReLU())
+    model(torch.randn(2, 3, 5, 5))  # one batch tracked
+    out = convert_norms(model, "evonorm_b0")
+    layer = out[1]
+    assert layer.momentum is None and int(layer.num_batches_tracked) == 1
+    start = layer.running_var.clone()
+    xs = [torch.randn(6, 3, 5, 5, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    unbiased = []
+    for x in xs:
+        h = out[0](x)
+        unbiased.append(h.detach().var((0, 2, 3), correction=1))
+        out(x)
+    # the mean over every batch seen, the one before conversion included: no momentum 0.1
+    torch.testing.assert_close(layer.running_var, (start + sum(unbiased)) / 4)
+    assert int(layer.num_batches_tracked) == 4

@@ -75,5 +75,5 @@ def build_resnet(norm: str = "batchnorm", **kwargs) -> nn.Module:
     if norm == "syncbatchnorm":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if norm.startswith("evonorm"):
-        return convert_norms(model, norm, strict=True)
+        return convert_norms(model, norm, strict=True, without_act="affine")
     return model
