@@ -133,7 +133,11 @@ def _b0_forward(x, v, weight, bias, running_var, eps: float, training: bool):
     mean_i = mean_i.to(var_i.dtype)
     y = torch.addcmul((var_i + eps).sqrt_().to(x.dtype), xs, _channel(v, xs))  # v x + s_i
     y.clamp_(min=(var_b + eps).sqrt().to(x.dtype))  # max(s_b, v x + s_i)
-    y.reciprocal_().mul_(_channel(weight, xs)).mul_(xs).add_(_channel(bias, xs))
+    if torch.compiler.is_compiling():  # dynamo has no out= on channels-last tensors
+        y = torch.addcmul(_channel(bias, xs), xs, _channel(weight, xs) / y)
+    else:  # eager: in place, one pass each
+        torch.div(_channel(weight, xs), y, out=y)
+        torch.addcmul(_channel(bias, xs), xs, y, out=y)
     return y.view_as(x), mean_i, var_i, var_b.view(-1).clone()
 
 
@@ -309,7 +313,10 @@ def _s0_forward(x, v, weight, bias, groups: int, eps: float):
     mean_g, std_g = _group_stats(xs, groups, eps)
     y = torch.mul(xs, _channel(v, xs)).sigmoid_().mul_(xs)  # x sigmoid(v x)
     scale = (weight.to(std_g.dtype).view_as(std_g[:1]) / std_g).to(x.dtype)
-    y.mul_(scale).add_(_channel(bias, xs))
+    if torch.compiler.is_compiling():
+        y = torch.addcmul(_channel(bias, xs), y, scale)
+    else:
+        torch.addcmul(_channel(bias, xs), y, scale, out=y)
     return y.view_as(x), mean_g, std_g
 
 
@@ -366,7 +373,10 @@ def _s0_grads(grad, x, v, weight, mean_g, std_g, groups: int):
     buf = torch.mul(x, sig).mul_(g)  # g x s
     gxs = _sum(buf, dims)
     grad_weight = (gxs / std_g).sum(0).view(-1)
-    buf.copy_(sig).mul_(sig).sub_(sig).mul_(x).neg_()  # A = x s (1 - s)
+    if torch.compiler.is_compiling():  # A = x s (1 - s)
+        buf = torch.ops.aten.sigmoid_backward(x, sig)
+    else:
+        torch.ops.aten.sigmoid_backward.grad_input(x, sig, grad_input=buf)
     sig.addcmul_(buf, _channel(v, x))  # s + v A
     grad_v = (k * _sum(buf.mul_(x).mul_(g), dims)).sum(0).view(-1)
     sig.mul_(k.to(x.dtype))
@@ -375,7 +385,10 @@ def _s0_grads(grad, x, v, weight, mean_g, std_g, groups: int):
     d_std = -(k * gxs / std_g).view(n, groups, -1).sum(2, keepdim=True)
     coef = (d_std / (std_g.view(n, groups, -1) * count)).expand(n, groups, c // groups)
     coef = coef.reshape(std_g.shape)
-    buf.copy_(g).mul_(sig).add_((-coef * mean_g).to(x.dtype))
+    if torch.compiler.is_compiling():
+        buf = torch.addcmul((-coef * mean_g).to(x.dtype), g, sig)
+    else:
+        torch.addcmul((-coef * mean_g).to(x.dtype), g, sig, out=buf)
     buf.addcmul_(x, coef.to(x.dtype))
     grad_bias = g.sum((0,) + dims, dtype=_acc(x))
     return (
