@@ -43,17 +43,24 @@ class HyperNet(nn.Module):
     theta = theta_0 + delta with delta's last layer starting at zero, so theta
     starts at theta_0 (`init`, else kaiming-normal matrices and zero vectors);
     `residual=False` predicts theta directly (the parametrisation the paper
-    compares against). Layers are kaiming-normal with zero biases, as in
-    hyperlight; hidden layers use LeakyReLU.
+    compares against). Layers are kaiming-normal in torch's default fan-in mode
+    (std = gain / sqrt(in_features)) with zero biases; hidden layers use LeakyReLU.
+    hyperlight's MLP defaults to fan-out mode instead (std = gain / sqrt(out_features),
+    with the output layer initialised as one layer per predicted tensor), so freshly
+    built networks differ in scale from hyperlight's; the layout is the same.
 
     With Adam, every predicted entry moves by about lr * sum_j |h_j| per step
     through delta's last layer (h: the last hidden layer), a larger step than
     theta_0's lr: lower the learning rate when many weights are predicted.
 
     `forward(hyper)` takes a mapping name -> value (or one tensor when there is
-    one input): shape (dim,) (or a scalar when dim is 1) for one setting, giving
-    tensors of the output shapes; (B, dim) (or (B,) when dim is 1) for a batch,
-    giving (B, *shape).
+    one input): shape (dim,) for one setting, giving tensors of the output shapes;
+    (B, dim) for a batch, giving (B, *shape). An input of one scalar (dim 1) is one
+    setting as a Python number or 0-d tensor, and a batch as any 1-D tensor (B,):
+    `torch.tensor([0.3])` is a batch of one, with outputs of shape (1, *shape).
+    With `encoding="mip"` every value must lie in [0, 1]; NaN is refused too. Values
+    given as numbers or CPU tensors are checked on the host; tensors on an accelerator
+    are checked on the device (`torch._assert_async`), so the forward never waits.
     """
 
     def __init__(
@@ -120,23 +127,34 @@ class HyperNet(nn.Module):
         ref = self.out.weight
         cols = []
         for name, dim in self.inputs.items():
-            x = torch.as_tensor(hyper[name], dtype=ref.dtype, device=ref.device)
+            x = torch.as_tensor(hyper[name], dtype=ref.dtype)  # numbers: on the CPU
             shape = tuple(x.shape)
-            if dim == 1 and x.dim() < 2:
+            if dim == 1 and x.dim() < 2:  # 0-d: one setting; (B,): a batch, B = 1 included
                 x = x.reshape(-1, 1) if x.dim() == 1 else x.reshape(1)
             if x.dim() not in (1, 2) or x.shape[-1] != dim:
                 raise ValueError(
                     f"hyper[{name!r}] has shape {shape}; expected ({dim},) or (B, {dim})"
+                    + (" (a 0-d value or (B,) for one scalar)" if dim == 1 else "")
                 )
-            if self.encoding == "mip" and ((x < 0) | (x > 1)).any():
-                bad = x[(x < 0) | (x > 1)][0].item()
-                raise ValueError(f"hyper[{name!r}]={bad:g} is outside [0, 1] (encoding='mip')")
-            cols.append(x)
+            if self.encoding == "mip":
+                self._check_unit_range(name, x)
+            cols.append(x.to(ref.device))
         if len({x.shape[:-1] for x in cols}) > 1:
             shapes = {k: tuple(x.shape) for k, x in zip(self.inputs, cols, strict=True)}
             raise ValueError(f"hyper inputs disagree on the batch: {shapes}")
         flat = torch.cat(cols, dim=-1)
         return mip_encode(flat) if self.encoding == "mip" else flat
+
+    @staticmethod
+    def _check_unit_range(name: str, x: Tensor) -> None:
+        """Every value in [0, 1] (NaN fails the test); on the device for accelerator tensors."""
+        inside = (x >= 0) & (x <= 1)
+        what = f"hyper[{name!r}] must lie in [0, 1] (encoding='mip')"
+        if x.device.type != "cpu":
+            torch._assert_async(inside.all(), what)
+        elif not bool(inside.all()):
+            bad = x[~inside][0].item()
+            raise ValueError(f"hyper[{name!r}]={bad:g} is outside [0, 1] (encoding='mip')")
 
     def forward(self, hyper: Mapping[str, Tensor | float] | Tensor | float) -> dict[str, Tensor]:
         flat = self.out(self.mlp(self._flat_inputs(hyper)))

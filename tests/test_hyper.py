@@ -233,3 +233,34 @@ def test_tied_parameters_are_predicted_once_for_every_name():
     assert model.hypernet.outputs == {"0.weight": (4, 4)}
     assert original[2].weight is None  # both call sites now read the predicted tensor
     close(model(x, hyper=0.5), want)
+
+
+def test_nan_hyper_inputs_are_refused():
+    net = HyperNet({"s": 1, "t": 2}, {"w": (2,)}, hidden=[4])
+    with pytest.raises(ValueError, match=r"hyper\['s'\]=nan is outside \[0, 1\]"):
+        net({"s": float("nan"), "t": torch.zeros(2)})
+    with pytest.raises(ValueError, match=r"hyper\['t'\]=nan is outside \[0, 1\]"):
+        net({"s": 0.5, "t": torch.tensor([[0.5, 0.5], [float("nan"), 0.1]])})
+    raw = HyperNet({"s": 1}, {"w": (2,)}, hidden=[4], encoding="none", residual=False)
+    assert raw(float("nan"))["w"].isnan().all()  # no range for raw inputs: NaN flows
+
+
+def test_one_scalar_input_one_setting_versus_a_batch_of_one():
+    net = HyperNet({"s": 1}, {"w": (3, 2), "b": (3,)}, hidden=[8], residual=False)
+    one = net(0.3)
+    assert one["w"].shape == (3, 2) and net(torch.tensor(0.3))["w"].shape == (3, 2)
+    batch = net(torch.tensor([0.3]))  # a 1-D tensor is a batch, also of one
+    assert batch["w"].shape == (1, 3, 2) and batch["b"].shape == (1, 3)
+    close(batch["w"][0], one["w"])
+    pair = HyperNet({"s": 2}, {"w": (3,)}, hidden=[8], residual=False)
+    assert pair(torch.tensor([0.3, 0.6]))["w"].shape == (3,)  # (dim,): one setting
+    assert pair(torch.tensor([[0.3, 0.6]]))["w"].shape == (1, 3)  # (1, dim): a batch of one
+
+
+def test_layers_are_kaiming_normal_in_fan_in_mode_as_documented():
+    net = HyperNet({"s": 64}, {"w": (512,)}, hidden=[512], residual=False)
+    for layer, fan_in in ((net.mlp[0], 128), (net.out, 512)):
+        gain = 2**0.5 if layer is net.mlp[0] else 1.0  # leaky_relu (slope 0) / linear
+        std = layer.weight.std().item()
+        assert abs(std / (gain / fan_in**0.5) - 1) < 0.05, (std, fan_in)
+        assert layer.bias.abs().max() == 0
