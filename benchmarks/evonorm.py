@@ -1,7 +1,8 @@
-"""EvoNorm forward+backward time and memory: ours vs timm's vs BatchNorm2d+ReLU, on CPU.
+"""EvoNorm forward+backward time and memory: ours vs timm's vs BatchNorm2d+ReLU (CPU or GPU).
 
-    flock /tmp/gradlane-bench.lock .venv/bin/python benchmarks/evonorm.py   # full run
-    .venv/bin/python benchmarks/evonorm.py --quick                          # smoke run
+    /work/bin/cpu-run bench .venv/bin/python benchmarks/evonorm.py   # full CPU run
+    .venv/bin/python benchmarks/evonorm.py --quick                  # smoke run
+    python benchmarks/evonorm.py --device cuda --out DIR            # GPU mode
 
 For an input of `--shape` (default 32x64x56x56, fp32), contiguous and
 channels-last, with 1 and with all torch threads, each layer runs forward +
@@ -12,11 +13,19 @@ profiler's allocation events: the peak of bytes allocated during forward +
 backward (the output and the input's gradient included), and the bytes still
 held after the forward beyond the output (what autograd saved for backward). Target: ours at
 most 0.5x timm's time and peak memory. Writes `evonorm.json` and `evonorm.md`.
+
+GPU mode (`--device cuda`): fp32 and bf16, both layouts, every implementation of ours
+(`impl="eager"` and `impl="compiled"`) beside timm, `torch.compile(timm)` and
+BatchNorm2d+ReLU; time per forward+backward from CUDA-synchronised loops, peak memory
+from `torch.cuda.max_memory_allocated` above what was allocated before. Target: ours at
+most the compiled timm's time and memory. Imports only torch and timm's evo_norm module.
+Writes `evonorm_gpu.json` and `evonorm_gpu.md`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -36,13 +45,14 @@ from torch import nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
 
-from gradlane.layers import EvoNormB0, EvoNormS0
+from gradlane.layers import IMPLS, EvoNormB0, EvoNormS0
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CL = torch.channels_last
 MB = 2**20
 
 
+@functools.cache
 def timm_evo_norm():
     """timm.layers.evo_norm without timm's package __init__ (which needs torchvision):
     namespace stubs for timm / timm.models / timm.data and a placeholder
@@ -125,6 +135,129 @@ def measure(mods: dict[str, nn.Module], x: torch.Tensor, repeat: int) -> dict[st
     return out
 
 
+def gpu_layers(channels: int, device: str, dtype: torch.dtype) -> dict[str, nn.Module]:
+    timm = timm_evo_norm()
+    mods = {"BatchNorm2d+ReLU": nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU())}
+    for kind, ours, theirs in (
+        ("B0", EvoNormB0, timm.EvoNorm2dB0),
+        ("S0", EvoNormS0, timm.EvoNorm2dS0),
+    ):
+        mods[f"timm {kind}"] = theirs(channels)
+        mods[f"compiled timm {kind}"] = torch.compile(theirs(channels))
+        for impl in IMPLS:
+            mods[f"ours {kind} {impl}"] = ours(channels, impl=impl)
+    return {k: m.to(device=device, dtype=dtype) for k, m in mods.items()}
+
+
+def gpu_measure(mods: dict[str, nn.Module], x: torch.Tensor, repeat: int, reps: int) -> dict:
+    """Median ms per forward+backward and peak MB above the baseline, on the GPU."""
+    g = torch.randn_like(x)
+
+    def step(m: nn.Module) -> None:
+        x.grad = None
+        m(x).backward(g)
+
+    for m in mods.values():  # warm-up (and compilation)
+        for _ in range(3):
+            step(m)
+    times: dict[str, list[float]] = {k: [] for k in mods}
+    for _ in range(repeat):
+        for name, m in mods.items():
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step(m)
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) / reps)
+    out = {}
+    for name, m in mods.items():
+        x.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(m)
+        torch.cuda.synchronize()
+        out[name] = {
+            "time_ms": 1e3 * statistics.median(times[name]),
+            "peak_mb": (torch.cuda.max_memory_allocated() - base) / MB,
+        }
+    return out
+
+
+def gpu_main(args) -> None:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    results = {}
+    began = time.perf_counter()
+    for dtype_name in args.dtypes:
+        mods = gpu_layers(args.shape[1], args.device, dtypes[dtype_name])
+        for layout, fmt in (("contiguous", torch.contiguous_format), ("channels_last", CL)):
+            x = torch.randn(args.shape, device=args.device, dtype=dtypes[dtype_name])
+            x = x.contiguous(memory_format=fmt).requires_grad_()
+            key = f"{dtype_name}, {layout}"
+            results[key] = gpu_measure(mods, x, args.repeat, reps=20)
+            took = time.perf_counter() - began
+            print(
+                key, f"({took:.0f} s)", {k: round(v["time_ms"], 3) for k, v in results[key].items()}
+            )
+    ratios = {
+        f"{case}, {kind} {impl} {metric}": r[f"ours {kind} {impl}"][metric]
+        / r[f"compiled timm {kind}"][metric]
+        for case, r in results.items()
+        for kind in ("B0", "S0")
+        for impl in IMPLS
+        for metric in ("time_ms", "peak_mb")
+    }
+    summary = {
+        "command": "python " + shlex.join(["benchmarks/evonorm.py", *sys.argv[1:]]),
+        "machine": f"{torch.cuda.get_device_name()}, torch {torch.__version__}",
+        "shape": args.shape,
+        "repeat": args.repeat,
+        "seconds": time.perf_counter() - began,
+        "results": results,
+        "ours_over_compiled_timm": ratios,
+        "met_by_impl": {
+            impl: all(v <= 1.0 for k, v in ratios.items() if f" {impl} " in k) for impl in IMPLS
+        },
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "evonorm_gpu.json").write_text(json.dumps(summary, indent=1))
+    (args.out / "evonorm_gpu.md").write_text(gpu_markdown(summary))
+    print(gpu_markdown(summary))
+
+
+def gpu_markdown(s: dict) -> str:
+    lines = [
+        f"### EvoNorm forward + backward on the GPU, input {tuple(s['shape'])}",
+        "",
+        "| dtype, layout | layer | time (ms) | vs compiled timm | vs BN+ReLU | peak MB "
+        "| vs compiled timm |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for case, r in s["results"].items():
+        bn = r["BatchNorm2d+ReLU"]
+        for name, v in r.items():
+            ref = r.get(f"compiled timm {name.split()[1]}") if name.startswith("ours") else None
+            vs_t = f"{v['time_ms'] / ref['time_ms']:.2f}x" if ref else ""
+            vs_m = f"{v['peak_mb'] / ref['peak_mb']:.2f}x" if ref else ""
+            lines.append(
+                f"| {case} | {name} | {v['time_ms']:.3f} | {vs_t} | "
+                f"{v['time_ms'] / bn['time_ms']:.2f}x | {v['peak_mb']:.1f} | {vs_m} |"
+            )
+    met = ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in s["met_by_impl"].items())
+    return "\n".join(
+        [
+            *lines,
+            "",
+            f"Target (ours <= compiled timm in time and peak memory, every case), by impl: {met}.",
+            "",
+            f"Command: `{s['command']}`  ",
+            f"Device: {s['machine']}; median of {s['repeat']} interleaved rounds of 20; "
+            f"wall time {s['seconds']:.0f} s (compilation included).",
+            "",
+        ]
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", type=int, nargs=4, default=[32, 64, 56, 56])
@@ -138,9 +271,15 @@ def main() -> None:
     )
     p.add_argument("--quick", action="store_true", help="smoke run: (8, 64, 28, 28), 3 rounds")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"], help="GPU mode: dtypes to measure"
+    )
     args = p.parse_args()
     if args.quick:
         args.shape, args.repeat = [8, 64, 28, 28], 3
+    if args.device != "cpu":
+        return gpu_main(args)
     torch.manual_seed(0)
     mods = layers(args.shape[1])
     load = os.getloadavg()[0]
