@@ -84,6 +84,15 @@ def layers(channels: int) -> dict[str, nn.Module]:
     }
 
 
+def _cpu_model() -> str:
+    for line in (
+        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    ):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.machine()
+
+
 def allocations(fn: Callable[[], None]) -> list[int]:
     """Signed allocation sizes (bytes) in time order while `fn` runs."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -292,9 +301,7 @@ def main() -> None:
             results[key] = measure(mods, x, args.repeat)
             print(key, {k: round(v["time_ms"], 1) for k, v in results[key].items()})
 
-    command = "flock /tmp/gradlane-bench.lock .venv/bin/python " + shlex.join(
-        ["benchmarks/evonorm.py", *sys.argv[1:]]
-    )
+    command = ".venv/bin/python " + shlex.join(["benchmarks/evonorm.py", *sys.argv[1:]])
     ratios = {
         f"{case}, {kind} {metric}": r[f"ours EvoNorm{kind}"][metric]
         / r[f"timm EvoNorm2d{kind}"][metric]
@@ -304,7 +311,7 @@ def main() -> None:
     }
     summary = {
         "command": command,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+        "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
         f"; 1-min load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end",
         "shape": args.shape,
         "repeat": args.repeat,

@@ -484,13 +484,14 @@ def targets(result: dict) -> dict:
 
 
 def param_list_table(r: dict) -> list[str]:
+    model = r["model"] or "the lm recipe default (4 layers, width 128)"
     return [
         "",
         f"## The lm GPT's parameter list ({r['tensors']} tensors, d={r['d']:,}, m={r['m']})",
         "",
         "| model | AdamW | floor | MFAC fp32 | MFAC bf16 | fp32/floor | bf16/floor |",
         "|---|---|---|---|---|---|---|",
-        f"| {r['model']} | {r['adamw']:.2f} | {r['floor']:.2f} | {r['mfac_fp32']:.2f} | "
+        f"| {model} | {r['adamw']:.2f} | {r['floor']:.2f} | {r['mfac_fp32']:.2f} | "
         f"{r['mfac_bf16']:.2f} | {r['mfac_fp32'] / r['floor']:.2f} | "
         f"{r['mfac_bf16'] / r['floor']:.2f} |",
     ]

@@ -40,7 +40,7 @@ def _is_number(value) -> bool:
 
 def _gated(ok: torch.Tensor, value: float, otherwise: float) -> torch.Tensor:
     """`value` where `ok` else `otherwise`, a 0-d fp64 tensor on ok's device (no host sync)."""
-    return torch.where(ok, torch.tensor(value, dtype=torch.float64), otherwise)
+    return torch.where(ok, torch.full((), value, dtype=torch.float64, device=ok.device), otherwise)
 
 
 def _sharded_by_wrapper(p: torch.Tensor) -> str | None:
@@ -489,12 +489,12 @@ class MFAC(torch.optim.Optimizer):
             w = coef * state["scales"][: coef.numel()]
         state["skipped"] += ~ok
 
-        update = combine(rows[: coef.numel()], w).to(grad.dtype)
-        self._apply(shard.gather(update), ok)
+        update = shard.gather(combine(rows[: coef.numel()], w).to(grad.dtype))
+        self._apply(update, ok)
         error = error_estimate(
             state["gram"],
             coef,
-            update.norm(),
+            update.norm(),  # this rank's partition only under ZeRO: a larger estimate
             coef.numel() * self.damp,
             torch.finfo(compute_dtype(self.window_dtype)).eps / 2,
             torch.finfo(self.window_dtype).eps / 2,
