@@ -327,9 +327,15 @@ class MFAC(torch.optim.Optimizer):
         else:
             self._check_loaded(state, settings, shape)
         state["settings"] = settings
-        state["skipped"] = torch.as_tensor(state.get("skipped", 0), dtype=torch.int64)
+        # created on the device: a host-to-device copy would synchronise
+        skipped = state.get("skipped", 0)
+        state["skipped"] = (
+            skipped
+            if torch.is_tensor(skipped)
+            else torch.full((), skipped, dtype=torch.int64, device=device)
+        )
         if self.window_dtype == torch.float16 and "scales" not in state:
-            state["scales"] = torch.ones(self.ngrads, dtype=torch.float64)
+            state["scales"] = torch.ones(self.ngrads, dtype=torch.float64, device=device)
         for key, value in state.items():
             if torch.is_tensor(value):
                 state[key] = value.to(device)
