@@ -110,6 +110,12 @@ def _check_impl(impl: str | None, what: str) -> None:
         raise ValueError(f"{what}: impl={impl!r} is not one of {', '.join(IMPLS)} (or None)")
 
 
+def _strided_like(y: Tensor, x: Tensor) -> Tensor:
+    """y with x's strides (what the fake implementation promises): a compiled body may lay
+    its output out otherwise."""
+    return y if y.stride() == x.stride() else torch.empty_like(x).copy_(y)
+
+
 def _check(x: Tensor, num_features: int, what: str) -> None:
     if x.dim() < 2 or x.shape[1] != num_features:
         raise ValueError(
@@ -154,7 +160,8 @@ def evonorm_b0(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """EvoNorm-B0 forward: (y, instance mean, instance var, batch var), stats in >= fp32."""
     _check(x, weight.numel(), "EvoNormB0")
-    return _body(_b0_forward, impl)(x, v, weight, bias, running_var, eps, training)
+    y, *stats = _body(_b0_forward, impl)(x, v, weight, bias, running_var, eps, training)
+    return _strided_like(y, x), *stats
 
 
 @evonorm_b0.register_fake
@@ -332,7 +339,8 @@ def evonorm_s0(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """EvoNorm-S0 forward: (y, group mean, group std), the stats per channel in >= fp32."""
     _check(x, weight.numel(), "EvoNormS0")
-    return _body(_s0_forward, impl)(x, v, weight, bias, groups, eps)
+    y, *stats = _body(_s0_forward, impl)(x, v, weight, bias, groups, eps)
+    return _strided_like(y, x), *stats
 
 
 @evonorm_s0.register_fake
