@@ -20,6 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .cluster import check_resources
 from .errors import ConfigError, closest
 from .optim import SCHEDULE_KEYS
 from .schema import check_section, param, type_name
@@ -34,6 +35,10 @@ class RunSection:
     eval_every: int = param(50, ge=1)
     log_every: int = param(1, ge=1)
     output_dir: str = "runs"
+    storage: str = ""  # Ray Train's checkpoints: a path all nodes see (default <run dir>/ray)
+
+
+PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray placement group strategies
 
 
 @dataclass
@@ -43,9 +48,14 @@ class TrainerSection:
     cpus_per_worker: int = param(1, ge=1)
     max_failures: int = param(0, ge=-1)  # -1: restart without limit
     checkpoint_every: int = param(50, ge=0)
+    keep_checkpoints: int = param(2, ge=1)  # newest intact ones kept, across resumes
     bucket_cap_mb: float = param(25.0, gt=0)
     find_unused_parameters: bool = False
     engine: str = param("ddp", choices=("ddp", "deepspeed", "horovod"))  # see gradlane.engines
+    # per worker beyond cpus_per_worker (and 1 GPU with use_gpu): {"GPU": 0.5, "my_res": 1}
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    accelerator_type: str | None = None  # e.g. "A100": only nodes with that accelerator
+    placement_strategy: str = param("PACK", choices=PLACEMENT)
 
 
 @dataclass
@@ -68,12 +78,16 @@ class RaySection:
 class TrackingSection:
     uri: str | None = None  # default: a local store under run.output_dir
     experiment: str = "gradlane"
+    retry_every_s: float = param(5.0, gt=0.0)  # while MLflow is down, retry this often
+    finish_timeout_s: float = param(30.0, ge=0.0)  # at the end, wait this long for MLflow
 
 
 @dataclass
 class DebugSection:
-    fail_at_step: int = -1  # raise inside the loop at this step, once (fault-tolerance tests)
+    fail_at_step: int = -1  # fail inside the loop at this step, once (fault-tolerance tests)
     fail_rank: int = 0
+    fail_with: str = param("exception", choices=("exception", "sigkill"))  # how that rank fails
+    step_delay_s: float = param(0.0, ge=0.0)  # sleep per step (to interrupt a run mid-way)
 
 
 @dataclass
@@ -90,7 +104,8 @@ class Config:
     model: dict[str, Any] = field(default_factory=dict)  # the recipe's dataclass replaces
     data: dict[str, Any] = field(default_factory=dict)  # these two (see `config_class`)
     debug: DebugSection = field(default_factory=DebugSection)
-    resume: str | None = None
+    resume: str | None = None  # a run or checkpoint directory to continue (command line only)
+    init_from: str | None = None  # a run or checkpoint directory whose weights start a new run
 
 
 # Sections whose keys are the chosen factory's keyword parameters (checked against its signature).
@@ -133,12 +148,15 @@ def _leaves(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _check_keys(layer: dict[str, Any], schema: dict[str, Any], source: str) -> None:
-    """Reject keys that belong to no section (names the key and the closest allowed)."""
+    """Reject keys that belong to no section (names the key and the closest allowed).
+    Sections that are mappings (comm, optimizer, trainer.resources_per_worker) take any
+    key here; comm and optimizer keys are checked against their factory's signature."""
+    mappings = [k for k, default in schema.items() if isinstance(default, dict)]
     for key in _leaves(layer):
         top = key.split(".")[0]
         if key == "resume" and source != "resumed run config":
             raise ConfigError(f"resume in {source}: give it on the command line, as resume=PATH")
-        if top in FACTORY_SECTIONS or key in schema or key == "resume":
+        if key in schema or key == "resume" or any(key.startswith(d + ".") for d in mappings):
             continue
         allowed = sorted(set(schema) | {"resume"})
         if top in {f.name for f in fields(Config)}:
@@ -270,6 +288,7 @@ def validate(cfg: DictConfig) -> None:
         name = cfg[section].get(name_key)
         if not isinstance(name, str):
             raise ConfigError(f"{section}.{name_key}={name!r} must be a name")
+    check_resources(cfg)
     probe = torch.nn.Linear(2, 2)
     build_comm_state(probe, OmegaConf.to_container(cfg.comm, resolve=True))
     build_scheduler(cfg.optimizer, build_optimizer(cfg.optimizer, probe.parameters()), 1)

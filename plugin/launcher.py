@@ -1,21 +1,21 @@
 """The driver: start or join Ray, run a Ray Train `TorchTrainer`, track in MLflow.
 
-No `ray.address`: an embedded local Ray is started (dashboard off) and shut
-down at the end; `ray.address=auto` or `ray://host:port` joins an existing
-cluster. Rank 0 pushes metric records to a small actor; the driver drains it
-for the progress bar, `metrics.jsonl` and MLflow, so tracking works the same
-whichever node rank 0 lands on.
+No `ray.address`: a fresh embedded local Ray is started (dashboard off) and
+shut down at the end; `ray.address=auto`, `host:port` or `ray://host:port`
+joins an existing cluster (see `gradlane.cluster`). Rank 0 pushes metric
+records to a small actor; the driver drains it for the progress bar,
+`metrics.jsonl` and MLflow, so tracking works the same whichever node rank 0
+lands on.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import os
 import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,14 +23,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from . import checkpoint as ckpt
+from .checkpoint import prune
+from .cluster import check_capacity, scaling_config, start_ray
 from .config import compose, flatten, to_yaml
 from .errors import ConfigError
 from .recipe import WorkerContext
+from .resume import check_resume, check_shapes, find_checkpoint, record_resume, saved_config
+from .runs import RUN_POINTER, read_info, update_info
 from .tracking import Tracker, default_uri
 from .training import PROGRESS_NAMESPACE
-
-RUN_FILE = "run.json"
-CHECKPOINT_GLOB = "ray/*/checkpoint_*"
 
 
 @dataclass
@@ -43,63 +45,52 @@ class RunResult:
     wall_s: float = 0.0
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run: highest step with the model and the
-    state of every rank (a directory cut short by a crash is passed over)."""
-    workers = OmegaConf.load(run_dir / "config.yaml").trainer.num_workers
-    complete = [
-        p
-        for p in run_dir.glob(CHECKPOINT_GLOB)
-        if (p / "model.pt").exists() and all((p / f"rank{r}.pt").exists() for r in range(workers))
-    ]
-    return max(complete, key=lambda p: int(p.name.rsplit("_", 1)[1]), default=None)
-
-
-def resolve_resume(path: str) -> tuple[Path, Path]:
-    """(run dir, checkpoint dir) for `resume=PATH` given a run or a checkpoint directory."""
-    p = Path(path).expanduser().resolve()
-    if (p / "model.pt").exists():
-        run_dir = next((a for a in p.parents if (a / RUN_FILE).exists()), None)
-        if run_dir is None:
-            raise ConfigError(f"resume={path!r}: checkpoint is not inside a gradlane run directory")
-        return run_dir, p
-    if not (p / RUN_FILE).exists():
-        raise ConfigError(f"resume={path!r} is neither a gradlane run nor a checkpoint directory")
-    checkpoint = latest_checkpoint(p)
-    if checkpoint is None:
-        raise ConfigError(f"resume={path!r}: the run has no complete checkpoint yet")
-    return p, checkpoint
+def _take(overrides: list[str], key: str) -> str | None:
+    """The value of the last `key=...` override, removed from the list."""
+    found = [o for o in overrides if o.startswith(f"{key}=")]
+    for o in found:
+        overrides.remove(o)
+    return found[-1].split("=", 1)[1] if found else None
 
 
 def prepare(recipe: str, file: Path | None, overrides: list[str]) -> tuple[DictConfig, Path | None]:
-    """Compose and validate the config; for `resume=...` start from the run's saved config."""
-    resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("resume=")), None)
-    overrides = [o for o in overrides if not o.startswith("resume=")]
-    base, checkpoint = None, None
+    """Compose and validate the config; for `resume=...` start from the run's saved config.
+
+    Everything that can be checked without Ray is checked here, before anything is
+    written: the config, the output directory, the recipe's own checks (a dry build),
+    and a resume's or init_from's checkpoint (intact, and the model's shapes)."""
+    overrides = list(overrides)
+    resume = _take(overrides, "resume")
+    base, run_dir, checkpoint = None, None, None
     if resume:
-        run_dir, checkpoint = resolve_resume(resume)
-        base = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+        run_dir, checkpoint = find_checkpoint("resume", resume)
+        base = saved_config(run_dir)
         if base["run"]["recipe"] != recipe:
             raise ConfigError(
                 f"resume={resume!r} is a {base['run']['recipe']!r} run, not {recipe!r}"
             )
         base["resume"] = str(run_dir)
     cfg = compose(recipe, file, overrides, base=base)
-    check_output_dir(cfg.run.output_dir)
-    _dry_build(cfg)
+    if resume and cfg.init_from != base.get("init_from"):
+        raise ConfigError(f"init_from={cfg.init_from!r} starts a new run; resume= continues one")
+    if cfg.init_from and not resume:
+        cfg.init_from = str(find_checkpoint("init_from", cfg.init_from)[1])
+    check_writable("run.output_dir", cfg.run.output_dir)
+    if cfg.run.storage:
+        check_writable("run.storage", _storage_path(cfg.run.storage))
+    model = _dry_build(cfg)
     if checkpoint is not None:
-        written = len(list(checkpoint.glob("rank*.pt")))
-        if written != cfg.trainer.num_workers:
-            raise ConfigError(
-                f"trainer.num_workers={cfg.trainer.num_workers}: checkpoint {checkpoint} was "
-                f"written by {written} workers; resume with trainer.num_workers={written}"
-            )
+        check_resume(cfg, run_dir, checkpoint)
+        check_shapes("resume", model, checkpoint)
+    elif cfg.init_from:
+        check_shapes("init_from", model, Path(cfg.init_from))
     return cfg, checkpoint
 
 
-def _dry_build(cfg: DictConfig) -> None:
+def _dry_build(cfg: DictConfig):
     """Build the recipe's task once on the driver, so that its own checks of the
-    `model` and `data` sections fail here (exit code 2) rather than in a worker."""
+    `model` and `data` sections fail here (exit code 2) rather than in a worker;
+    returns the model it built."""
     import torch
 
     from gradlane.recipes import RECIPES
@@ -107,53 +98,11 @@ def _dry_build(cfg: DictConfig) -> None:
     device = torch.device("cuda" if cfg.trainer.use_gpu else "cpu")
     ctx = WorkerContext(0, cfg.trainer.num_workers, device, cfg.run.seed)
     try:
-        RECIPES.get(cfg.run.recipe).build(cfg, ctx)
+        return RECIPES.get(cfg.run.recipe).build(cfg, ctx).model
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{cfg.run.recipe} recipe: {exc}") from exc
-
-
-def _start_ray(cfg: DictConfig) -> bool:
-    """Start an embedded Ray or join `ray.address`; True when we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    common = {"include_dashboard": False, "log_to_driver": False, "logging_level": "WARNING"}
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if cfg.ray.address:
-        try:
-            ray.init(address=cfg.ray.address, **common)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ConfigError(f"ray.address={cfg.ray.address!r}: cannot connect ({exc})") from exc
-        return True
-    num_cpus = cfg.ray.num_cpus if cfg.ray.num_cpus is not None else os.cpu_count() or 1
-    # Ray's default token auth stays on; only its "auth is enabled" notice is hushed.
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
-        logging.ERROR
-    )
-    ray.init(num_cpus=num_cpus, **common)
-    return True
-
-
-def _check_capacity(cfg: DictConfig) -> None:
-    import ray
-
-    have = ray.cluster_resources()
-    need_cpu = cfg.trainer.num_workers * cfg.trainer.cpus_per_worker
-    if need_cpu > have.get("CPU", 0):
-        most = int(have.get("CPU", 0) // cfg.trainer.cpus_per_worker)
-        raise ConfigError(
-            f"trainer.num_workers={cfg.trainer.num_workers} x trainer.cpus_per_worker="
-            f"{cfg.trainer.cpus_per_worker} needs {need_cpu} CPUs but the Ray cluster has "
-            f"{have.get('CPU', 0):g}; allowed: num_workers <= {most}"
-        )
-    if cfg.trainer.use_gpu and cfg.trainer.num_workers > have.get("GPU", 0):
-        raise ConfigError(
-            f"trainer.num_workers={cfg.trainer.num_workers} with trainer.use_gpu=true needs one "
-            f"GPU each but the Ray cluster has {have.get('GPU', 0):g}"
-        )
 
 
 def _progress_actor(name: str):
@@ -190,30 +139,46 @@ def _run_name(cfg: DictConfig) -> str:
     return name
 
 
-def check_output_dir(output_dir: str) -> None:
-    """`run.output_dir` is, or can be made, a writable directory: a scratch directory is
+def check_writable(key: str, directory: str) -> None:
+    """`directory` is, or can be made, a writable directory: a scratch directory is
     made (and removed) in its nearest existing ancestor, so nothing is left behind."""
-    probe = Path(output_dir).expanduser().absolute()
+    probe = Path(directory).expanduser().absolute()
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise ConfigError(f"run.output_dir={output_dir!r}: {probe} is not a directory")
+        raise ConfigError(f"{key}={directory!r}: {probe} is not a directory")
     try:
         tempfile.TemporaryDirectory(dir=probe).cleanup()
     except OSError as exc:
+        raise ConfigError(f"{key}={directory!r}: cannot write in {probe} ({exc.strerror})") from exc
+
+
+def _storage_path(storage: str) -> str:
+    """`run.storage` as a filesystem path (a `file://` URI or a path, e.g. a shared mount)."""
+    path = storage.removeprefix("file://")
+    if "://" in path:
         raise ConfigError(
-            f"run.output_dir={output_dir!r}: cannot write in {probe} ({exc.strerror})"
-        ) from exc
+            f"run.storage={storage!r}: give a filesystem path that every node sees (a shared "
+            "mount); object-store URIs are not supported (checkpoints are verified as files)"
+        )
+    return path
 
 
 def launch(
-    cfg: DictConfig, checkpoint: Path | None = None, show_progress: bool = True
+    cfg: DictConfig,
+    checkpoint: Path | None = None,
+    show_progress: bool = True,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> RunResult:
-    """Run `cfg` on Ray Train and track it in MLflow; returns where everything went."""
+    """Run `cfg` on Ray Train and track it in MLflow; returns where everything went.
+
+    `on_record` sees every metric record (with its step) as it arrives (a Tune trial
+    reports them); `tags` go on a new MLflow run (a sweep's parent run id)."""
     resumed = Path(cfg.resume) if cfg.resume else None
     if resumed is not None:
         run_dir = resumed
-        previous = {k: v for k, v in json.loads((run_dir / RUN_FILE).read_text()).items() if v}
+        previous = {k: v for k, v in read_info(run_dir).items() if v}
     else:
         run_dir = (Path(cfg.run.output_dir) / _run_name(cfg)).resolve()
         if run_dir.exists():
@@ -227,25 +192,41 @@ def launch(
 
     if not uri.startswith("sqlite:"):
         Tracker.check(uri)
-    started_ray = _start_ray(cfg)
+    started_ray = start_ray(cfg)
     try:
-        _check_capacity(cfg)
+        check_capacity(cfg, embedded=started_ray and not cfg.ray.address)
         if uri.startswith("sqlite:"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         tracker = Tracker.start(
-            uri, cfg.tracking.experiment, run_dir.name, run_dir, previous.get("run_id")
-        )
+            uri, cfg.tracking.experiment, run_dir.name, run_dir, previous.get("run_id"),
+            cfg.tracking.retry_every_s, tags,
+        )  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run_dir / RUN_FILE).write_text(
-            json.dumps({"run_id": tracker.run_id, "tracking_uri": uri}, indent=2)
+        storage = Path(previous.get("storage") or run_dir / "ray")
+        if cfg.run.storage and not resumed:
+            storage = Path(_storage_path(cfg.run.storage)).expanduser().resolve() / run_dir.name
+        storage.mkdir(parents=True, exist_ok=True)
+        (storage / RUN_POINTER).write_text(str(run_dir))
+        attempt = len(list(storage.glob("attempt-*"))) + 1
+        if resumed is None:
+            (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        else:
+            record_resume(run_dir, attempt, cfg)
+        external = str(storage) if storage != run_dir / "ray" else None  # a copied run dir
+        update_info(  # keeps using its own ray/ when storage is the default
+            run_dir, run_id=tracker.run_id, tracking_uri=uri, status="RUNNING", storage=external
         )
         if previous.get("run_id"):  # MLflow params are immutable: note the resume instead
             tracker.set_tag("gradlane.resumed_from", str(checkpoint))
         else:
             tracker.log_params(flatten(cfg))
         tracker.log_artifact(run_dir / "config.yaml")
-        return _train(cfg, run_dir, tracker, checkpoint, show_progress)
+        try:
+            return _train(
+                cfg, run_dir, storage, attempt, tracker, checkpoint, show_progress, on_record
+            )
+        finally:
+            prune(storage, cfg.trainer.keep_checkpoints)
     finally:
         if started_ray:
             import ray
@@ -253,35 +234,48 @@ def launch(
             ray.shutdown()
 
 
-def _train(cfg, run_dir: Path, tracker: Tracker, checkpoint, show_progress: bool) -> RunResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+def _finish(cfg: DictConfig, run_dir: Path, tracker: Tracker, status: str) -> None:
+    """Mark the run FINISHED, FAILED or KILLED in run.json and (if it answers) in MLflow."""
+    update_info(run_dir, status=status, synced=False)
+    synced = tracker.finish(status, cfg.tracking.finish_timeout_s)
+    update_info(run_dir, synced=synced)
+
+
+def _train(
+    cfg: DictConfig,
+    run_dir: Path,
+    storage: Path,
+    attempt: int,
+    tracker: Tracker,
+    checkpoint: Path | None,
+    show_progress: bool,
+    on_record: Callable[[dict[str, Any]], None] | None,
+) -> RunResult:
+    """One Ray Train attempt; `storage` (run.storage) must be visible to every node."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from tqdm import tqdm
 
     from .training import train_loop
 
-    attempt = len(list(run_dir.glob("ray/*"))) + 1
     actor_name = f"progress-{tracker.run_id}-{attempt}"
     progress = _progress_actor(actor_name)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
             "cfg": OmegaConf.to_container(cfg, resolve=True),
-            "run_dir": str(run_dir),
+            "storage": str(storage),
             "progress_actor": actor_name,
             "resume_from": str(checkpoint) if checkpoint else None,
+            "init_from": cfg.init_from,
         },
         torch_config=TorchConfig(backend="nccl" if cfg.trainer.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.trainer.num_workers,
-            use_gpu=cfg.trainer.use_gpu,
-            resources_per_worker={"CPU": cfg.trainer.cpus_per_worker},
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=RunConfig(
             name=f"attempt-{attempt}",
-            storage_path=str(run_dir / "ray"),
+            storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.trainer.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.trainer.keep_checkpoints),
         ),
     )
 
@@ -304,26 +298,25 @@ def _train(cfg, run_dir: Path, tracker: Tracker, checkpoint, show_progress: bool
     )  # fmt: skip
     last: dict[str, float] = {}
     try:
-        _follow(thread, progress, tracker, bar, last, cfg.run.steps)
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")  # the MLflow run says what happened; checkpoints stay
+        _follow(thread, progress, tracker, bar, last, cfg.run.steps, on_record)
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's handler exits)
+        _finish(cfg, run_dir, tracker, "KILLED")  # checkpoints stay: resume= continues
         raise
     bar.close()
     wall = time.time() - start
 
     if "error" in outcome:
-        tracker.finish("FAILED")
+        _finish(cfg, run_dir, tracker, "FAILED")
         raise TrainingFailed(f"training failed: {_summary_line(outcome['error'])}") from outcome[
             "error"
         ]
-    result = outcome["result"]
     _save_artifacts(run_dir, tracker, ray.get(progress.artifacts.remote()))
-    tracker.finish("FINISHED")
-    ckpt = Path(result.checkpoint.path) if result.checkpoint else latest_checkpoint(run_dir)
-    return RunResult(run_dir, tracker.run_id, tracker.uri, ckpt, last, wall)
+    _finish(cfg, run_dir, tracker, "FINISHED")
+    newest = ckpt.latest_intact(storage)
+    return RunResult(run_dir, tracker.run_id, tracker.uri, newest, last, wall)
 
 
-def _follow(thread, progress, tracker: Tracker, bar, last: dict, steps: int) -> None:
+def _follow(thread, progress, tracker: Tracker, bar, last: dict, steps: int, on_record) -> None:
     """Drain rank 0's records into the bar, metrics.jsonl and MLflow until fit() ends."""
     import ray
 
@@ -337,9 +330,10 @@ def _follow(thread, progress, tracker: Tracker, bar, last: dict, steps: int) -> 
                 continue
             tracker.log_metrics(step, record)
             last.update(record)
+            if on_record is not None:
+                on_record({"step": step, **record})
             bar.update(max(0, step - bar.n))
             bar.set_postfix(_postfix(last), refresh=False)
-        tracker.flush()
         if not alive:
             return
         time.sleep(0.5)

@@ -1,10 +1,16 @@
-"""MLflow tracking from the driver: params, metrics, artifacts, and no lost metrics.
+"""MLflow tracking from the driver that an outage cannot make lose anything.
 
-Every metric record is appended to `<run dir>/metrics.jsonl` first, then sent to
-MLflow in batches. If the tracking server goes away mid-run, a warning is
-printed once, training goes on, and the unsent metrics are retried at the next
-flush (and at the end), so nothing is lost. An unreachable server at start is
-a `ConfigError` before any training starts.
+Everything is written to the run directory first (`config.yaml`,
+`metrics.jsonl`, `artifacts/`, the status in `run.json`); MLflow gets it from a
+background thread that sends params, tags, metrics, artifacts and the final
+status in order, and while the server is down keeps them and retries every
+`tracking.retry_every_s` without stalling training. A server back before the
+run ends gets everything; at the end the driver waits up to
+`tracking.finish_timeout_s` for the queue to drain, and what is still unsent
+then is marked in `run.json` (`"synced": false`) for `gradlane sync RUN_DIR`,
+which (re)sends a whole run from its directory to its own or any other
+tracking URI (MLflow drops metric values it already has). An unreachable
+server at start is a `ConfigError` before any training starts.
 """
 
 from __future__ import annotations
@@ -12,14 +18,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 import warnings
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .runs import METRICS_FILE, read_info, update_info
 
-RETRY_SECONDS = 10.0
+BATCH = 1000  # MLflow's limit of metric values per log_batch
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 
 def default_uri(output_dir: Path) -> str:
@@ -42,16 +52,31 @@ def _reason(exc: Exception) -> str:
     return text.splitlines()[0][:160] if text else type(exc).__name__
 
 
-class Tracker:
-    """One MLflow run, created (or reopened, on resume) by the driver."""
+def _experiment_id(client, uri: str, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
 
-    def __init__(self, client, run_id: str, uri: str, run_dir: Path):
+
+class Tracker:
+    """One MLflow run, created (or reopened, on resume) by the driver; sends in the background."""
+
+    def __init__(self, client, run_id: str, uri: str, run_dir: Path, retry_every_s: float = 5.0):
         self.client = client
         self.run_id = run_id
         self.uri = uri
-        self.local = run_dir / "metrics.jsonl"
-        self._pending: list[Any] = []
-        self._down_since: float | None = None
+        self.local = run_dir / METRICS_FILE
+        self.retry_every_s = retry_every_s
+        self._queue: deque[tuple[str, Any]] = deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._down = False
+        self._thread = threading.Thread(target=self._send_loop, daemon=True, name="mlflow-sender")
+        self._thread.start()
 
     @staticmethod
     def check(uri: str) -> None:
@@ -63,39 +88,42 @@ class Tracker:
 
     @classmethod
     def start(
-        cls, uri: str, experiment: str, run_name: str, run_dir: Path, run_id: str | None = None
+        cls,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        run_dir: Path,
+        run_id: str | None = None,
+        retry_every_s: float = 5.0,
+        tags: dict[str, str] | None = None,
     ) -> Tracker:
-        """Check the store is reachable, then create the run (or reopen `run_id`)."""
+        """Create the run (or reopen `run_id`) with `tags`; ConfigError when the store
+        does not answer."""
         client = _client(uri)
         try:
-            exp = client.get_experiment_by_name(experiment)
             if run_id is not None:
                 client.update_run(run_id, status="RUNNING")
-                return cls(client, run_id, uri, run_dir)
-            if exp is None:
-                location = None
-                if uri.startswith("sqlite:"):
-                    location = Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts"
-                    location = location.resolve().as_uri()
-                exp_id = client.create_experiment(experiment, artifact_location=location)
             else:
-                exp_id = exp.experiment_id
-            run = client.create_run(
-                exp_id, run_name=run_name, tags={"gradlane.run_dir": str(run_dir)}
-            )
+                run_id = client.create_run(
+                    _experiment_id(client, uri, experiment),
+                    run_name=run_name,
+                    tags={"gradlane.run_dir": str(run_dir), **(tags or {})},
+                ).info.run_id
         except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
             raise ConfigError(f"tracking.uri={uri!r} is unreachable: {_reason(exc)}") from exc
-        return cls(client, run.info.run_id, uri, run_dir)
+        return cls(client, run_id, uri, run_dir, retry_every_s)
+
+    # ---- what the driver records -------------------------------------------------------
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
-            self._call(self.client.log_batch, self.run_id, params=items[i : i + 100])
+            self._put("params", items[i : i + 100])
 
     def set_tag(self, key: str, value: str) -> None:
-        self._call(self.client.set_tag, self.run_id, key, value)
+        self._put("tag", (key, value))
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         """Append to the local file, queue for MLflow."""
@@ -104,45 +132,156 @@ class Tracker:
         now = int(time.time() * 1000)
         with self.local.open("a") as f:
             f.write(json.dumps({"step": step, "time": now, **metrics}) + "\n")
-        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-
-    def flush(self, force: bool = False) -> bool:
-        """Send queued metrics; on failure keep them and retry later. True when all sent."""
-        if not self._pending:
-            return True
-        if not force and self._down_since and time.time() - self._down_since < RETRY_SECONDS:
-            return False
-        while self._pending:
-            batch = self._pending[:1000]
-            if not self._call(self.client.log_batch, self.run_id, metrics=batch):
-                return False
-            del self._pending[: len(batch)]
-        return True
+        self._put("metrics", [Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_artifact(self, path: Path, subdir: str | None = None) -> None:
-        self._call(self.client.log_artifact, self.run_id, str(path), subdir)
+        self._put("artifact", (str(path), subdir))
 
-    def finish(self, status: str = "FINISHED") -> None:
-        if not self.flush(force=True):
+    def pending(self) -> int:
+        """How many queued items MLflow has not acknowledged yet."""
+        with self._wake:
+            return len(self._queue)
+
+    def finish(self, status: str = "FINISHED", timeout_s: float = 30.0) -> bool:
+        """Queue the terminal status and wait up to `timeout_s` for everything to be sent.
+
+        True when MLflow has it all; otherwise a warning names `gradlane sync`."""
+        self._put("status", status)
+        deadline = time.monotonic() + timeout_s
+        with self._wake:
+            while self._queue and time.monotonic() < deadline:
+                self._wake.wait(timeout=min(0.2, max(deadline - time.monotonic(), 0.01)))
+            self._closing = True
+            left = len(self._queue)
+            self._wake.notify_all()
+        if left:
             warnings.warn(
-                f"MLflow at {self.uri} is unreachable: {len(self._pending)} metric values were "
-                f"not sent; all of them are in {self.local}",
+                f"MLflow at {self.uri} is unreachable: {left} items (metrics, params, "
+                f"artifacts, status) were not sent; everything is in {self.local.parent}: "
+                f"`gradlane sync {self.local.parent}` sends it",
                 stacklevel=2,
             )
-        self._call(self.client.set_terminated, self.run_id, status)
+        return left == 0
 
-    def _call(self, fn, *args, **kwargs) -> bool:
+    # ---- the sender thread ----------------------------------------------------------------
+
+    def _put(self, kind: str, payload: Any) -> None:
+        with self._wake:
+            self._queue.append((kind, payload))
+            self._wake.notify_all()
+
+    def _next(self) -> tuple[str, Any, int]:
+        """The head of the queue; consecutive metric items coalesce into one batch."""
+        kind, payload = self._queue[0]
+        count = 1
+        if kind == "metrics":
+            payload = list(payload)
+            while count < len(self._queue) and self._queue[count][0] == "metrics":
+                more = self._queue[count][1]
+                if len(payload) + len(more) > BATCH:
+                    break
+                payload += more
+                count += 1
+        return kind, payload, count
+
+    def _send(self, kind: str, payload: Any) -> None:
+        if kind == "params":
+            self.client.log_batch(self.run_id, params=payload)
+        elif kind == "metrics":
+            self.client.log_batch(self.run_id, metrics=payload)
+        elif kind == "tag":
+            self.client.set_tag(self.run_id, *payload)
+        elif kind == "artifact":
+            self.client.log_artifact(self.run_id, *payload)
+        else:
+            self.client.set_terminated(self.run_id, payload)
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._queue and not self._closing:
+                    self._wake.wait()
+                if self._closing:
+                    return
+                kind, payload, count = self._next()
+            try:
+                self._send(kind, payload)
+            except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+                if not self._down:
+                    warnings.warn(
+                        f"MLflow at {self.uri} failed ({type(exc).__name__}: {_reason(exc)}); "
+                        f"training continues, everything is kept in {self.local.parent} and "
+                        f"retried every {self.retry_every_s:g} s",
+                        stacklevel=2,
+                    )
+                self._down = True
+                with self._wake:
+                    self._wake.wait(timeout=self.retry_every_s)
+                continue
+            self._down = False
+            with self._wake:
+                for _ in range(count):
+                    self._queue.popleft()
+                self._wake.notify_all()
+
+
+def sync(run_dir: Path, uri: str | None = None) -> tuple[str, str]:
+    """Send a run's params, metrics, artifacts and status from its directory to `uri`
+    (default: its own tracking URI); returns (uri, run id there).
+
+    The run is created there when that store does not have it (its id is then kept in
+    run.json under `copies`), so this also moves runs between servers."""
+    from mlflow.entities import Metric, Param
+    from omegaconf import OmegaConf
+
+    from .config import flatten
+
+    run_dir = Path(run_dir).resolve()
+    info = read_info(run_dir)
+    if not info or not (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} is not a gradlane run directory (no run.json/config.yaml)")
+    target = uri or info["tracking_uri"]
+    own = target == info.get("tracking_uri")
+    copies = dict(info.get("copies", {}))
+    run_id = info.get("run_id") if own else copies.get(target)
+    Tracker.check(target)
+    client = _client(target)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    if run_id is not None:
         try:
-            fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-            if self._down_since is None:
-                warnings.warn(
-                    f"MLflow at {self.uri} failed ({type(exc).__name__}); training continues, "
-                    f"metrics are kept in {self.local} and retried",
-                    stacklevel=3,
-                )
-            self._down_since = time.time()
-            return False
-        if self._down_since is not None:
-            self._down_since = None
-        return True
+            client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - not in that store: create it below
+            run_id = None
+    if run_id is None:
+        run_id = client.create_run(
+            _experiment_id(client, target, cfg.tracking.experiment),
+            run_name=run_dir.name,
+            tags={"gradlane.run_dir": str(run_dir)},
+        ).info.run_id
+        if own:
+            update_info(run_dir, run_id=run_id)
+        else:
+            copies[target] = run_id
+            update_info(run_dir, copies=copies)
+
+    params = [Param(k, str(v)[:6000]) for k, v in sorted(flatten(cfg).items())]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i : i + 100])
+    metrics = []
+    if (run_dir / METRICS_FILE).exists():
+        for line in (run_dir / METRICS_FILE).read_text().splitlines():
+            record = json.loads(line)
+            step, stamp = record.pop("step"), record.pop("time")
+            metrics += [Metric(k, float(v), stamp, step) for k, v in record.items()]
+    for i in range(0, len(metrics), BATCH):
+        client.log_batch(run_id, metrics=metrics[i : i + BATCH])
+    files = [run_dir / "config.yaml", *sorted(run_dir.glob("resume-*.yaml"))]
+    if (run_dir / "artifacts").is_dir():
+        files += sorted(p for p in (run_dir / "artifacts").iterdir() if p.is_file())
+    for path in files:
+        client.log_artifact(run_id, str(path))
+    if info.get("status") in TERMINAL:
+        client.set_terminated(run_id, info["status"])
+    if own:
+        update_info(run_dir, synced=True)
+    return target, run_id

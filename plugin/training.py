@@ -2,79 +2,36 @@
 with the comm hook and the optimizer, see `gradlane.engines`).
 
 Checkpoints (every `trainer.checkpoint_every` steps and at the end) go through
-`ray.train.report` into one directory per step: `model.pt` from rank 0 and
-`rank<r>.pt` from every rank (optimizer, hook state and RNG states, which
-differ per rank: error-feedback residuals, a sharded optimizer window), and
-the engine's own files (DeepSpeed's `engine.save_checkpoint`). Batches
-are a pure function of (seed, step, rank), so a run resumed from a checkpoint
+`ray.train.report` into one directory per step (files: `gradlane.checkpoint`,
+plus the engine's own, e.g. DeepSpeed's `engine.save_checkpoint`). Batches are
+a pure function of (seed, step, rank), so a run resumed from a checkpoint
 continues exactly as the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
-import random
+import os
+import signal
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
+from . import checkpoint as ckpt
 from .engines import build_engine, weight_spread
 from .evaluation import evaluate
 from .recipe import WorkerContext
 
-MODEL_FILE = "model.pt"
 PROGRESS_NAMESPACE = "gradlane"  # Ray namespace of the driver's progress actor
 FAULT_MARKER = ".fault_injected"
 
 
 class InjectedFault(RuntimeError):
     """Raised once by `debug.fail_at_step`, to exercise restart-and-resume."""
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(directory: Path, rank: int, step: int, engine) -> None:
-    """Write this rank's share of the checkpoint of the state after `step` steps."""
-    if rank == 0:
-        torch.save({"step": step, "model": engine.module.state_dict()}, directory / MODEL_FILE)
-    engine.save(directory)
-    torch.save(
-        {"step": step, **engine.state_dict(), "rng": _rng_state()}, directory / f"rank{rank}.pt"
-    )
-
-
-def load_checkpoint(directory: Path, rank: int, engine) -> int:
-    """Restore model, engine (optimizer, schedule, hook) and RNG; return the step to start from."""
-    own = directory / f"rank{rank}.pt"
-    shared = torch.load(directory / MODEL_FILE, map_location="cpu", weights_only=False)
-    mine = torch.load(own, map_location="cpu", weights_only=False)
-    engine.module.load_state_dict(shared["model"])
-    engine.load(directory)
-    engine.load_state_dict(mine)
-    _set_rng_state(mine["rng"])
-    return int(shared["step"])
 
 
 def _mean_across_ranks(values: dict[str, float], device) -> dict[str, float]:
@@ -86,12 +43,14 @@ def _mean_across_ranks(values: dict[str, float], device) -> dict[str, float]:
     return dict(zip(values, t.tolist(), strict=True))
 
 
-def _maybe_fail(cfg: DictConfig, step: int, rank: int, run_dir: Path) -> None:
+def _maybe_fail(cfg: DictConfig, step: int, rank: int, storage: Path) -> None:
     if step != cfg.debug.fail_at_step or rank != cfg.debug.fail_rank:
         return
-    marker = run_dir / FAULT_MARKER
+    marker = storage / FAULT_MARKER  # in run.storage: every node sees it
     if not marker.exists():
         marker.write_text(f"failed at step {step} on rank {rank}\n")
+        if cfg.debug.fail_with == "sigkill":  # dies at once: no exception, no clean-up
+            os.kill(os.getpid(), signal.SIGKILL)
         raise InjectedFault(f"debug.fail_at_step={step}: injected failure on rank {rank}")
 
 
@@ -113,6 +72,8 @@ def train_loop(config: dict[str, Any]) -> None:
     recipe = RECIPES.get(cfg.run.recipe)
     ctx = WorkerContext(rank, world, device, cfg.run.seed)
     task = recipe.build(cfg, ctx)
+    if config.get("init_from"):  # a branch: the weights only, from step 0
+        task.model.load_state_dict(ckpt.load_model_weights(Path(config["init_from"])))
     model = task.model.to(device)
     engine = build_engine(cfg, model, device)
     ctx.seed_globals()  # per-rank dropout and sampling from here on
@@ -121,9 +82,9 @@ def train_loop(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            start = load_checkpoint(Path(d), rank, engine)
+            start = ckpt.load(Path(d), rank, engine)
     elif config.get("resume_from"):
-        start = load_checkpoint(Path(config["resume_from"]), rank, engine)
+        start = ckpt.load(Path(config["resume_from"]), rank, engine)
 
     progress = (
         ray.get_actor(config["progress_actor"], namespace=PROGRESS_NAMESPACE) if rank == 0 else None
@@ -132,7 +93,8 @@ def train_loop(config: dict[str, Any]) -> None:
         progress.push.remote({"step": start, "resumed_from": start})
     samples_total, clock = 0, time.perf_counter()
     for step in range(start, cfg.run.steps):
-        _maybe_fail(cfg, step, rank, Path(config["run_dir"]))
+        _maybe_fail(cfg, step, rank, Path(config["storage"]))
+        time.sleep(cfg.debug.step_delay_s)
         t0 = time.perf_counter()
         loss, samples = engine.train_step(task, step)
         step_time = time.perf_counter() - t0
@@ -157,11 +119,11 @@ def train_loop(config: dict[str, Any]) -> None:
             done == cfg.run.steps
         ):
             with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(Path(tmp), rank, done, engine)
+                ckpt.save(Path(tmp), rank, done, engine)
                 ray.train.report(
                     {"step": done, **record},
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=f"checkpoint_{done:08d}",
+                    checkpoint_dir_name=ckpt.checkpoint_name(done),
                 )
 
     if rank == 0:
@@ -180,10 +142,3 @@ def _send_artifacts(task, model, engine, progress) -> None:
         import ray
 
         ray.get(progress.add_artifacts.remote(files))
-
-
-def load_model_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
-    """The model state dict stored in a gradlane checkpoint directory."""
-    return torch.load(Path(checkpoint_dir) / MODEL_FILE, map_location="cpu", weights_only=False)[
-        "model"
-    ]

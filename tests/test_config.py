@@ -95,7 +95,7 @@ def _assert_rejected(proc, expected: str, cwd: Path):
         (["run", "lm", "resume=nowhere"], "resume='nowhere' is neither a gradlane run"),
         (
             ["run", "lm", "trainer.num_workers=64", "ray.num_cpus=2"],
-            "trainer.num_workers=64 x trainer.cpus_per_worker=1 needs 64 CPUs",
+            "trainer.num_workers=64 x 1 CPU per worker needs 64 CPU but the Ray cluster has 2",
         ),
     ],
 )

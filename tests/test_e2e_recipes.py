@@ -9,10 +9,10 @@ import pytest
 from conftest import TINY_LM
 from mlflow.tracking import MlflowClient
 
+from gradlane.checkpoint import load_model_weights
 from gradlane.comm import dense_bytes
 from gradlane.launcher import run
 from gradlane.recipes.lm.model import GPT
-from gradlane.training import load_model_weights
 
 pytestmark = pytest.mark.slow
 
