@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from conftest import TINY_LM
 from mlflow.tracking import MlflowClient
 
@@ -47,6 +48,11 @@ def test_lm_with_lgreco_sends_fewer_bytes_and_charts_levels(local_ray, tmp_path)
     assert any(key.startswith("comm/level/") for key in metrics)
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert "comm_levels.png" in artifacts
+    # error-feedback residuals differ between ranks: each rank keeps its own; AdamW once
+    for r in range(2):
+        assert "hook" in torch.load(result.checkpoint / f"rank{r}.pt", weights_only=False)
+    shared = torch.load(result.checkpoint / "shared.pt", weights_only=False)
+    assert "hook" not in shared and "optimizer" in shared
 
 
 def test_lm_with_mfac_lowers_the_loss(local_ray, tmp_path):
