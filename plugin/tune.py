@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from .errors import ConfigError
 
+TRIAL_CPU = 0.01  # a trial only drives its Ray Train run (Tune needs a non-empty request)
 SPACE = re.compile(r"^([\w.]+)=(choice|grid|uniform|loguniform|randint)\((.*)\)$")
 
 
@@ -164,7 +165,7 @@ def run_sweep(
         parent = Tracker.start(uri, cfg.tracking.experiment, name, sweep_dir)
         parent.log_params({f"space.{k}": f"{fn}{tuple(a)}" for k, (fn, a) in space.items()})
         parent.log_params({"recipe": recipe, "samples": samples, "metric": metric, "mode": mode})
-        per_trial = cfg.trainer.num_workers * cfg.trainer.cpus_per_worker
+        per_trial = cfg.trainer.num_workers * cfg.trainer.cpus_per_worker + TRIAL_CPU
         concurrent = concurrent or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial))
         scheduler = None
         if asha:
@@ -176,7 +177,7 @@ def run_sweep(
             uri=uri, parent=parent.run_id, metric=metric,
         )  # fmt: skip
         tuner = tune.Tuner(
-            tune.with_resources(trainable, {"CPU": 0}),  # the trial only drives its Train run
+            tune.with_resources(trainable, {"CPU": TRIAL_CPU}),
             param_space={k: _tune_domain(fn, a) for k, (fn, a) in space.items()},
             tune_config=tune.TuneConfig(
                 metric=metric,

@@ -80,6 +80,7 @@ def _save_and_reload(tmp_path: Path) -> Path:
     for rank in range(2):
         fresh = Engine(rank, steps=0)
         assert ckpt.load(directory, rank, fresh) == 3
+        assert torch.equal(torch.rand(2), draws[rank])  # the RNG continues exactly
         ref = Engine(rank)
         torch.testing.assert_close(
             fresh.module.state_dict(), ref.module.state_dict(), rtol=0, atol=0
@@ -89,7 +90,6 @@ def _save_and_reload(tmp_path: Path) -> Path:
         )
         assert fresh.scheduler.state_dict() == ref.scheduler.state_dict()
         assert torch.equal(fresh.hook.residual, torch.full((3,), float(rank)))
-        assert torch.equal(torch.rand(2), draws[rank])  # the RNG continues exactly
     return directory
 
 

@@ -24,6 +24,9 @@ from gradlane.cluster import check_ray_version, join_error
 from gradlane.errors import ConfigError
 from gradlane.runs import read_info
 
+# Ray Client's server waits 30 s for a client's own server process; on a loaded 2-core
+# machine starting one can take longer ("Initialization failure from server").
+SLOW_MACHINE = {"RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120"}
 ONE = [*TINY_LM, "run.steps=2", "run.eval_every=2", "trainer.num_workers=1", "--no-progress"]
 
 
@@ -51,7 +54,7 @@ def head(ray_tmp):
         [str(ray), "start", "--head", "--block", f"--port={port}",
          f"--ray-client-server-port={client_port}", "--num-cpus=1", "--include-dashboard=false",
          "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
-        env={**os.environ, "RAY_TMPDIR": str(ray_tmp), **auth},
+        env={**os.environ, "RAY_TMPDIR": str(ray_tmp), **auth, **SLOW_MACHINE},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.time() + 90
