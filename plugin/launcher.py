@@ -15,7 +15,6 @@ import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -168,13 +167,8 @@ def launch(
     cfg: DictConfig,
     checkpoint: Path | None = None,
     show_progress: bool = True,
-    on_record: Callable[[dict[str, Any]], None] | None = None,
-    tags: dict[str, str] | None = None,
 ) -> RunResult:
-    """Run `cfg` on Ray Train and track it in MLflow; returns where everything went.
-
-    `on_record` sees every metric record (with its step) as it arrives (a Tune trial
-    reports them); `tags` go on a new MLflow run (a sweep's parent run id)."""
+    """Run `cfg` on Ray Train and track it in MLflow; returns where everything went."""
     resumed = Path(cfg.resume) if cfg.resume else None
     if resumed is not None:
         run_dir = resumed
@@ -199,7 +193,7 @@ def launch(
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         tracker = Tracker.start(
             uri, cfg.tracking.experiment, run_dir.name, run_dir, previous.get("run_id"),
-            cfg.tracking.retry_every_s, tags,
+            cfg.tracking.retry_every_s,
         )  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
         storage = Path(previous.get("storage") or run_dir / "ray")
@@ -222,9 +216,7 @@ def launch(
             tracker.log_params(flatten(cfg))
         tracker.log_artifact(run_dir / "config.yaml")
         try:
-            return _train(
-                cfg, run_dir, storage, attempt, tracker, checkpoint, show_progress, on_record
-            )
+            return _train(cfg, run_dir, storage, attempt, tracker, checkpoint, show_progress)
         finally:
             prune(storage, cfg.trainer.keep_checkpoints)
     finally:
@@ -249,7 +241,6 @@ def _train(
     tracker: Tracker,
     checkpoint: Path | None,
     show_progress: bool,
-    on_record: Callable[[dict[str, Any]], None] | None,
 ) -> RunResult:
     """One Ray Train attempt; `storage` (run.storage) must be visible to every node."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -298,7 +289,7 @@ def _train(
     )  # fmt: skip
     last: dict[str, float] = {}
     try:
-        _follow(thread, progress, tracker, bar, last, cfg.run.steps, on_record)
+        _follow(thread, progress, tracker, bar, last, cfg.run.steps)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's handler exits)
         _finish(cfg, run_dir, tracker, "KILLED")  # checkpoints stay: resume= continues
         raise
@@ -316,7 +307,7 @@ def _train(
     return RunResult(run_dir, tracker.run_id, tracker.uri, newest, last, wall)
 
 
-def _follow(thread, progress, tracker: Tracker, bar, last: dict, steps: int, on_record) -> None:
+def _follow(thread, progress, tracker: Tracker, bar, last: dict, steps: int) -> None:
     """Drain rank 0's records into the bar, metrics.jsonl and MLflow until fit() ends."""
     import ray
 
@@ -330,8 +321,6 @@ def _follow(thread, progress, tracker: Tracker, bar, last: dict, steps: int, on_
                 continue
             tracker.log_metrics(step, record)
             last.update(record)
-            if on_record is not None:
-                on_record({"step": step, **record})
             bar.update(max(0, step - bar.n))
             bar.set_postfix(_postfix(last), refresh=False)
         if not alive:
