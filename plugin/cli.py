@@ -1,4 +1,4 @@
-"""`gradlane` command line: run, list, show.
+"""`gradlane` command line: run, show, list, runs, sync.
 
     gradlane run RECIPE [-c FILE] [key=value ...]   merge, validate, print, train
     gradlane list                                   recipes, comm hooks, optimizers
