@@ -47,7 +47,8 @@ ONE_BUCKET_MB = 1024.0  # a bucket cap larger than the model: DDP makes one buck
 
 def configs(args: argparse.Namespace) -> dict[str, dict]:
     """Label -> {"comm": hook config or None (compute only, no DDP), optional
-    "bucket_cap_mb", "loopback_only"}."""
+    "bucket_cap_mb", "loopback_only", "engine" (deepspeed | horovod: the same compressor
+    through gradlane's DeepSpeed or Horovod engine instead of a DDP comm hook)}."""
     start, rank = args.start_iter, args.rank
     lgreco = {
         "hook": "lgreco",
@@ -79,6 +80,14 @@ def configs(args: argparse.Namespace) -> dict[str, dict]:
         f"L-GreCo QSGD ({args.bits} bit)": {
             "comm": lgreco | {"compressor": "qsgd", "bits": args.bits}
         },
+        **{
+            f"{name} {label}": {"comm": comm, "engine": engine}
+            for engine, name in (("deepspeed", "DeepSpeed"), ("horovod", "Horovod"))
+            for label, comm in (
+                (f"PowerSGD r{rank}", ours_psgd),
+                (f"L-GreCo PowerSGD (r{rank})", lgreco | {"compressor": "powersgd", "rank": rank}),
+            )
+        },
     }
 
 
@@ -87,6 +96,8 @@ def configs(args: argparse.Namespace) -> dict[str, dict]:
 
 def _rank(rank: int, spec: dict, outdir: str) -> None:
     torch.set_num_threads(spec["threads"])
+    # what torchrun would set: DeepSpeed reads them, Horovod's rendezvous runs at MASTER_ADDR
+    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
     cfg = spec["comm"]
     if cfg is not None:
         dist.init_process_group(
@@ -117,22 +128,30 @@ def _train(rank: int, spec: dict, cfg: dict | None) -> dict:
     corpus = load_corpus(spec["max_bytes"])
     gen = torch.Generator().manual_seed(1000 + rank)
     net, hook = model, None
-    if cfg is not None:
-        net = DDP(model, bucket_cap_mb=spec["bucket_cap_mb"])
-        hook = gradlane.register_comm_hook(net, cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / spec["warmup"]))
+    if spec["engine"] != "ddp":
+        hook, train_step = _engine(spec, model, cfg)
+    else:
+        if cfg is not None:
+            net = DDP(model, bucket_cap_mb=spec["bucket_cap_mb"])
+            hook = gradlane.register_comm_hook(net, cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
+        warm = spec["warmup"]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+
+        def train_step(batch: torch.Tensor) -> torch.Tensor:
+            loss = _next_byte_loss(net, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            return loss
+
     length = spec["model"]["context"] + 1
     times, sent, errors = [], [], []
     for step in range(spec["steps"]):
         batch = random_batch(corpus.train, spec["batch"], length, gen)
         t0 = time.perf_counter()
-        logits = net(batch[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        loss = train_step(batch)
         elapsed = time.perf_counter() - t0
         if step >= spec["start_iter"]:
             times.append(elapsed)
@@ -167,8 +186,8 @@ def _train(rank: int, spec: dict, cfg: dict | None) -> dict:
     }
     if errors:
         result["relative_error"] = sum(errors) / len(errors)
-    if hasattr(hook.state, "controller"):
-        state = hook.state
+    state = hook.exchange if spec["engine"] != "ddp" else hook.state
+    if getattr(state, "controller", None) is not None:
         result["lgreco"] = {
             "decisions": state.controller.decisions,
             "predicted": state.controller.last,
@@ -176,6 +195,49 @@ def _train(rank: int, spec: dict, cfg: dict | None) -> dict:
         }
     result["compute_step_time_s"] = _compute_only(model, corpus, spec, gen)
     return result
+
+
+def _next_byte_loss(net, batch: torch.Tensor) -> torch.Tensor:
+    logits = net(batch[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def _engine(spec: dict, model, comm: dict):
+    """gradlane's DeepSpeed or Horovod engine (as `trainer.engine` builds it) with the
+    same optimizer and warm-up as the DDP rows; returns it and a one-batch step."""
+    from omegaconf import OmegaConf
+
+    from gradlane.engines import build_engine
+    from gradlane.recipe import Task
+
+    cfg = OmegaConf.create(
+        {
+            "trainer": {"engine": spec["engine"]},
+            "run": {"steps": spec["steps"]},
+            "data": {"batch_size": spec["batch"]},
+            "comm": comm,
+            "optimizer": {"name": "adamw", "lr": spec["lr"], "weight_decay": 0.0,
+                          "schedule": "constant", "warmup_steps": spec["warmup"]},
+            "deepspeed": {"zero_stage": 0, "gradient_accumulation_steps": 1,
+                          "precision": "fp32", "gradient_clipping": 0.0},
+        }
+    )  # fmt: skip
+    engine = build_engine(cfg, model, torch.device("cpu"))
+
+    class OneBatch(Task):
+        def batch(self, step: int) -> torch.Tensor:
+            return self.current
+
+        def loss(self, net, batch: torch.Tensor) -> torch.Tensor:
+            return _next_byte_loss(net, batch)
+
+    task = OneBatch()
+
+    def train_step(batch: torch.Tensor) -> torch.Tensor:
+        task.current = batch
+        return engine.train_step(task, 0)[0]
+
+    return engine, train_step
 
 
 def _compute_only(model, corpus, spec: dict, gen: torch.Generator) -> float:
@@ -219,6 +281,7 @@ def run_one(label: str, entry: dict, args: argparse.Namespace, steps: int) -> di
         "eval_batches": args.eval_batches,
         "compute_steps": args.compute_steps,
         "bucket_cap_mb": entry.get("bucket_cap_mb", args.bucket_cap_mb),
+        "engine": entry.get("engine", "ddp"),
         "threads": args.threads,
         "port": _free_port(),
         "timeout_s": args.timeout_s,

@@ -26,6 +26,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from gradlane.compressors import GradientExchange
+
 from .errors import ConfigError
 
 ENGINES = ("ddp", "deepspeed", "horovod")
@@ -36,7 +38,8 @@ DEEPSPEED_TAG = "state"
 class DDPEngine:
     """DistributedDataParallel with the configured comm hook; the interface of every engine.
 
-    `module` is the bare model, `wrapped` what the task's loss runs through."""
+    `module` is the bare model, `wrapped` what the task's loss runs through, `exchange`
+    the hook's GradientExchange (None: the engine's own uncompressed all-reduce)."""
 
     name = "ddp"
 
@@ -54,6 +57,7 @@ class DDPEngine:
             find_unused_parameters=cfg.trainer.find_unused_parameters,
         )
         self.hook = register_comm_hook(self.wrapped, cfg.comm)
+        self.exchange = self.hook.state if isinstance(self.hook.state, GradientExchange) else None
         self.optimizer = build_optimizer(cfg.optimizer, model.parameters())
         self.scheduler = build_scheduler(cfg.optimizer, self.optimizer, cfg.run.steps)
         self.lr = self.optimizer.param_groups[0]["lr"]  # the rate of the last step
@@ -117,6 +121,7 @@ class DeepSpeedEngine(DDPEngine):
         args = build(cfg, model)
         self.wrapped, self.optimizer, _, self.scheduler = deepspeed.initialize(**args)
         self.compression = Compression(self.wrapped, cfg.comm)
+        self.exchange = self.compression.exchange
         self.lr = self.wrapped.get_lr()[0]
 
     def train_step(self, task, step: int) -> tuple[Tensor, int]:
@@ -189,6 +194,7 @@ class HorovodEngine(DDPEngine):
             inner, model.named_parameters(), compression, **settings
         )
         self.hook = self.optimizer  # its state_dict holds the exchange's
+        self.exchange = self.optimizer.exchange
         self.scheduler = build_scheduler(cfg.optimizer, self.optimizer, cfg.run.steps)
         self.lr = self.optimizer.param_groups[0]["lr"]
 

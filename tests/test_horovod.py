@@ -210,3 +210,26 @@ def test_bad_named_parameters_are_refused():
         DistributedOptimizer(opt, named[1:])
     with pytest.raises(ValueError, match="repeats names: 0.weight"):
         DistributedOptimizer(opt, [named[0], *named])
+
+
+HOSTS = {
+    "one host": ["a", "a", "a", "a"],
+    "two hosts": ["a", "a", "b", "b"],
+    "uneven": ["a", "a", "a", "b"],
+}
+
+
+@pytest.mark.parametrize("case", HOSTS)
+def test_slot_plan_matches_horovods_host_assignment(case):
+    from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
+
+    from gradlane.horovod import _slots
+
+    hosts = HOSTS[case]
+    spec = ",".join(f"{h}:{hosts.count(h)}" for h in dict.fromkeys(hosts))
+    want = get_host_assignments(parse_hosts(spec), len(hosts))
+    assert _slots(hosts) == [
+        {k: getattr(s, k) for k in ("hostname", "rank", "size", "local_rank", "local_size",
+                                    "cross_rank", "cross_size")}
+        for s in want
+    ]  # fmt: skip
