@@ -35,6 +35,15 @@ DEEPSPEED_FILES = "deepspeed"  # sub-directory of a checkpoint with DeepSpeed's 
 DEEPSPEED_TAG = "state"
 
 
+def optimizer_metrics(optimizer) -> dict[str, float]:
+    """The user's optimizer's own numbers (M-FAC: skipped steps, error estimate), found
+    beneath the engines' wrappers (Horovod's DistributedOptimizer, DeepSpeed's ZeRO)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    metrics = getattr(optimizer, "metrics", None)
+    return metrics() if callable(metrics) else {}
+
+
 class DDPEngine:
     """DistributedDataParallel with the configured comm hook; the interface of every engine.
 

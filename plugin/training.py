@@ -22,7 +22,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
-from .engines import build_engine, weight_spread
+from .engines import build_engine, optimizer_metrics, weight_spread
 from .evaluation import evaluate
 from .recipe import WorkerContext
 
@@ -108,7 +108,7 @@ def train_loop(config: dict[str, Any]) -> None:
             )
             elapsed = time.perf_counter() - clock
             record |= {"lr": engine.lr, "samples_per_s": samples_total / max(elapsed, 1e-9)}
-            record |= engine.metrics()
+            record |= engine.metrics() | optimizer_metrics(engine.optimizer)
         if done % cfg.run.eval_every == 0 or done == cfg.run.steps:
             record |= {f"val/{k}": v for k, v in evaluate(task, model, device).items()}
             record["ranks/weight_spread"] = weight_spread(model, device)

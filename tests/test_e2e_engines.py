@@ -69,6 +69,7 @@ def test_deepspeed_runs_lm_with_mfac_and_lgreco(deepspeed_reference):
     metrics = _check_trained(deepspeed_reference, "deepspeed", 0.6 * DENSE)
     assert metrics["comm/dense_bytes_per_step"] == DENSE
     assert metrics["comm/lgreco_decisions"] >= 2
+    assert metrics["mfac/skipped_steps"] == 0  # M-FAC's own numbers, beneath DeepSpeed
     files = deepspeed_reference.checkpoint / "deepspeed"
     assert (files / "latest").read_text() == "state"
     assert list((files / "state").glob("*model_states.pt"))
@@ -94,7 +95,7 @@ def test_horovod_runs_lm_with_mfac_and_powersgd_and_restarts_exactly(local_ray, 
     settings = ["trainer.engine=horovod", *MFAC, "comm.hook=powersgd", "comm.rank=2",
                 "comm.start_iter=2"]  # fmt: skip
     reference = _run(tmp_path, "ref", *settings)
-    _check_trained(reference, "horovod", 0.6 * DENSE)
+    assert _check_trained(reference, "horovod", 0.6 * DENSE)["mfac/skipped_steps"] == 0
     fault = _run(tmp_path, "fault", *settings, *FAULT)
     assert [r["step"] for r in _records(fault)].count(5) == 2
     _same_weights(fault, reference)

@@ -66,6 +66,8 @@ def test_lm_with_mfac_lowers_the_loss(local_ray, tmp_path):
     assert _mean(losses[-3:]) < _mean(losses[:3]) - 0.2
     params = MlflowClient(result.tracking_uri).get_run(result.run_id).data.params
     assert params["optimizer.name"] == "mfac" and params["optimizer.ngrads"] == "8"
+    logged = MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
+    assert logged["mfac/skipped_steps"] == 0 and 0 < logged["mfac/error_estimate"] < 1
     weights = load_model_weights(result.checkpoint)
     assert all(t.isfinite().all() for t in weights.values())
 
