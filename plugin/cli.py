@@ -3,6 +3,7 @@
     gradlane run RECIPE [-c FILE] [key=value ...]   merge, validate, print, train
     gradlane list                                   recipes, comm hooks, optimizers
     gradlane show RECIPE [key=value ...]            the resolved config as YAML
+    gradlane tune RECIPE [key=value ...] --space KEY=FN(ARGS) ...   a Ray Tune sweep
     gradlane runs [DIR]                             runs under DIR (default: runs)
     gradlane sync RUN_DIR [--uri URI]               (re)send a run's directory to MLflow
     gradlane --version
@@ -45,6 +46,22 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", metavar="key=value")
     show.add_argument("-c", "--config", type=Path)
     sub.add_parser("list", help="recipes, comm hooks and optimizers")
+    tune = sub.add_parser("tune", help="a Ray Tune sweep whose trials are gradlane runs")
+    tune.add_argument("recipe")
+    tune.add_argument("overrides", nargs="*", metavar="key=value")
+    tune.add_argument("-c", "--config", type=Path)
+    tune.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="KEY=FN(ARGS)",
+        help="choice(a,b) grid(a,b) uniform(lo,hi) loguniform(lo,hi) randint(lo,hi)",
+    )
+    tune.add_argument("--samples", type=int, default=1, help="trials (per grid point)")
+    tune.add_argument("--metric", default="val/loss")
+    tune.add_argument("--mode", default="min", help="min or max")
+    tune.add_argument("--asha", action="store_true", help="stop poor trials early (ASHA)")
+    tune.add_argument("--concurrent", type=int, help="trials at once (default: as CPUs allow)")
     sync = sub.add_parser("sync", help="(re)send a run's directory to MLflow")
     sync.add_argument("run_dir", type=Path)
     sync.add_argument("--uri", help="tracking URI to send to (default: the run's own)")
@@ -76,7 +93,7 @@ def _list() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    takes_overrides = args.command in ("run", "show")
+    takes_overrides = args.command in ("run", "show", "tune")
     if extra and (not takes_overrides or any(a.startswith("-") for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:  # key=value overrides that came after an option
@@ -84,6 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             print(_list())
+            return 0
+        if args.command == "tune":
+            from .tune import run_sweep, trials_table
+
+            sweep_dir, rows = run_sweep(
+                args.recipe, args.config, list(args.overrides), args.space, args.samples,
+                args.metric, args.mode, args.asha, args.concurrent,
+            )  # fmt: skip
+            print(f"sweep {sweep_dir}, best first:\n{trials_table(rows, args.metric)}")
             return 0
         if args.command == "sync":
             from .tracking import sync

@@ -15,6 +15,7 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -167,8 +168,13 @@ def launch(
     cfg: DictConfig,
     checkpoint: Path | None = None,
     show_progress: bool = True,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> RunResult:
-    """Run `cfg` on Ray Train and track it in MLflow; returns where everything went."""
+    """Run `cfg` on Ray Train and track it in MLflow; returns where everything went.
+
+    `on_record` sees every metric record (with its step) as it arrives (a Tune trial
+    reports them); `tags` go on a new MLflow run (a sweep's parent run id)."""
     resumed = Path(cfg.resume) if cfg.resume else None
     if resumed is not None:
         run_dir = resumed
@@ -193,7 +199,7 @@ def launch(
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         tracker = Tracker.start(
             uri, cfg.tracking.experiment, run_dir.name, run_dir, previous.get("run_id"),
-            cfg.tracking.retry_every_s,
+            cfg.tracking.retry_every_s, tags,
         )  # fmt: skip
         run_dir.mkdir(parents=True, exist_ok=True)
         storage = Path(previous.get("storage") or run_dir / "ray")
@@ -216,7 +222,9 @@ def launch(
             tracker.log_params(flatten(cfg))
         tracker.log_artifact(run_dir / "config.yaml")
         try:
-            return _train(cfg, run_dir, storage, attempt, tracker, checkpoint, show_progress)
+            return _train(
+                cfg, run_dir, storage, attempt, tracker, checkpoint, show_progress, on_record
+            )
         finally:
             prune(storage, cfg.trainer.keep_checkpoints)
     finally:
@@ -241,6 +249,7 @@ def _train(
     tracker: Tracker,
     checkpoint: Path | None,
     show_progress: bool,
+    on_record: Callable[[dict[str, Any]], None] | None,
 ) -> RunResult:
     """One Ray Train attempt; `storage` (run.storage) must be visible to every node."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -289,7 +298,7 @@ def _train(
     )  # fmt: skip
     last: dict[str, float] = {}
     try:
-        _follow(thread, progress, tracker, bar, last, cfg.run.steps)
+        _follow(thread, progress, tracker, bar, last, cfg.run.steps, on_record)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's handler exits)
         _finish(cfg, run_dir, tracker, "KILLED")  # checkpoints stay: resume= continues
         raise
@@ -307,7 +316,7 @@ def _train(
     return RunResult(run_dir, tracker.run_id, tracker.uri, newest, last, wall)
 
 
-def _follow(thread, progress, tracker: Tracker, bar, last: dict, steps: int) -> None:
+def _follow(thread, progress, tracker: Tracker, bar, last: dict, steps: int, on_record) -> None:
     """Drain rank 0's records into the bar, metrics.jsonl and MLflow until fit() ends."""
     import ray
 
@@ -315,12 +324,18 @@ def _follow(thread, progress, tracker: Tracker, bar, last: dict, steps: int) -> 
         alive = thread.is_alive()
         for record in ray.get(progress.drain.remote()):
             step = int(record.pop("step"))
+            if "placement_group" in record:  # for the caller only (a sweep's trial)
+                if on_record is not None:
+                    on_record(record)
+                continue
             if "resumed_from" in record:
                 bar.reset(total=steps)
                 bar.update(step)
                 continue
             tracker.log_metrics(step, record)
             last.update(record)
+            if on_record is not None:
+                on_record({"step": step, **record})
             bar.update(max(0, step - bar.n))
             bar.set_postfix(_postfix(last), refresh=False)
         if not alive:

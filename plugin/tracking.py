@@ -95,8 +95,10 @@ class Tracker:
         run_dir: Path,
         run_id: str | None = None,
         retry_every_s: float = 5.0,
+        tags: dict[str, str] | None = None,
     ) -> Tracker:
-        """Create the run (or reopen `run_id`); ConfigError when the store does not answer."""
+        """Create the run (or reopen `run_id`) with `tags`; ConfigError when the store
+        does not answer."""
         client = _client(uri)
         try:
             if run_id is not None:
@@ -105,7 +107,7 @@ class Tracker:
                 run_id = client.create_run(
                     _experiment_id(client, uri, experiment),
                     run_name=run_name,
-                    tags={"gradlane.run_dir": str(run_dir)},
+                    tags={"gradlane.run_dir": str(run_dir), **(tags or {})},
                 ).info.run_id
         except Exception as exc:  # noqa: BLE001 - any failure here means "cannot track"
             raise ConfigError(f"tracking.uri={uri!r} is unreachable: {_reason(exc)}") from exc

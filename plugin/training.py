@@ -89,6 +89,9 @@ def train_loop(config: dict[str, Any]) -> None:
     progress = (
         ray.get_actor(config["progress_actor"], namespace=PROGRESS_NAMESPACE) if rank == 0 else None
     )
+    if progress is not None:  # where the workers live: a sweep frees it if Tune stops the run
+        group = ray.get_runtime_context().get_placement_group_id()
+        progress.push.remote({"step": start, "placement_group": group})
     if progress is not None and start:
         progress.push.remote({"step": start, "resumed_from": start})
     samples_total, clock = 0, time.perf_counter()
