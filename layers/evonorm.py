@@ -37,6 +37,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
+from torch.fx._symbolic_trace import is_fx_tracing
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
@@ -96,9 +97,10 @@ _COMPILED: dict = {}
 def _body(fn, impl: str):
     """`fn` itself, or (impl "compiled") `fn` compiled by torch.compile, built on first use.
 
-    Inside an outer torch.compile trace the plain body is traced into the outer graph.
+    Inside an outer torch.compile trace (dynamo, or the FX trace of the op's backward that
+    AOTAutograd makes) the plain body is traced into the outer graph.
     """
-    if impl == "eager" or torch.compiler.is_compiling():
+    if impl == "eager" or torch.compiler.is_compiling() or is_fx_tracing():
         return fn
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, fullgraph=True)

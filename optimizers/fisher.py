@@ -101,16 +101,16 @@ def _replace(inv: torch.Tensor, row: torch.Tensor, j: int, shift: float, ok: tor
     Nothing changes where `ok` is False on entry or the pivot shows lost precision.
     """
     b = row.clone()
-    b[j] = 0.0
+    b.select(0, j).fill_(0.0)  # a fill kernel: item assignment copies from the host
     a = inv[:, j].clone()
     # u = R b, with R = inv - a a^T / a_j the inverse of K without slot j (zero row/col j).
     u = inv @ b - a * (a @ b / a[j])
-    u[j] = 0.0
+    u.select(0, j).fill_(0.0)
     s = shift + row[j] - b @ u
     ok = ok & (s >= 0.5 * shift)
     s = torch.where(ok, s, 1.0)
     v = u
-    v[j] = -1.0
+    v.select(0, j).fill_(-1.0)
     # inv <- R + v v^T / s: the bordered inverse with the new gradient in slot j.
     p = torch.where(ok, torch.stack([a, v], dim=1), 0.0)
     scale = torch.where(ok, torch.stack([-1.0 / a[j], 1.0 / s]), 0.0)
@@ -124,7 +124,7 @@ def _replace(inv: torch.Tensor, row: torch.Tensor, j: int, shift: float, ok: tor
 def _refine(gram: torch.Tensor, inv: torch.Tensor, col: torch.Tensor, j: int, shift: float):
     """One step of iterative refinement of col = K^{-1} e_j against K itself, O(m^2)."""
     residual = -(gram @ col + shift * col)
-    residual[j] += 1.0
+    residual.select(0, j).add_(1.0)
     return col + inv @ residual
 
 
@@ -148,7 +148,7 @@ def _factor(gram: torch.Tensor, inv: torch.Tensor, row: torch.Tensor, j: int, sh
         inv.copy_(torch.where(ok, half.T @ half, inv))
         return inv[:, j], ok
     unit = torch.zeros(k, 1, dtype=F64, device=row.device)
-    unit[j] = 1.0
+    unit.select(0, j).fill_(1.0)
     half = torch.linalg.solve_triangular(chol, unit, upper=False)
     return torch.linalg.solve_triangular(chol.T, half, upper=True)[:, 0], ok
 

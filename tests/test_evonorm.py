@@ -502,21 +502,34 @@ def test_compiled_impl_matches_eager(kind):
         EvoNormB0(8, impl="triton")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["b0", "s0"])
-def test_cuda_impls_match_the_cpu(kind, dtype):
-    x = torch.randn(4, 32, 10, 10) * 0.5 + 100
-    g = torch.randn(4, 32, 10, 10)
-    cpu = randomize(EvoNormB0(32) if kind == "b0" else EvoNormS0(32, 8))
-    want = grads(cpu, x, g)
+def test_every_impl_matches_fp64_at_an_offset(kind, dtype, device):
+    """Output and gradients (input and parameters) of each impl against an fp64 copy of
+    the layer fed the same dtype-rounded values, as a normwise relative error. fp32 at an
+    offset of 100 (mean >> std); bf16 at 3: its input gradient at 100 is off by ~0.3, the
+    bf16 backward's known limit (its terms cancel in 8 bits of mantissa)."""
+    offset, tol = (100.0, 1e-4) if dtype == torch.float32 else (3.0, 3e-2)
+    x = (torch.randn(4, 32, 10, 10) * 0.5 + offset).to(dtype)
+    g = torch.randn(4, 32, 10, 10).to(dtype)
+    ref = randomize(EvoNormB0(32) if kind == "b0" else EvoNormS0(32, 8)).double()
+    want = grads(ref, x.double(), g.double())
     for impl in IMPLS:
         layer = randomize(EvoNormB0(32, impl=impl) if kind == "b0" else EvoNormS0(32, 8, impl=impl))
-        layer = layer.cuda()
-        got = grads(layer, x.cuda().to(dtype), g.cuda().to(dtype))
-        tol = 1e-4 if dtype == torch.float32 else 5e-2
-        close(got[0].float().cpu(), want[0], tol)
-        close(got[1].float().cpu(), want[1], tol)
+        got = grads(layer.to(device), x.to(device), g.to(device))
+        pairs = [*zip(got[:2], want[:2], strict=True), *((got[2][k], want[2][k]) for k in want[2])]
+        for a, b in pairs:
+            err = ((a.double().cpu() - b).abs().max() / b.abs().max()).item()
+            assert err < tol, (impl, err)
 
 
 def test_batchnorm_without_activation_choices():
