@@ -6,4 +6,5 @@ from gradlane.registry import Registry
 
 RECIPES = Registry("recipe", "gradlane.recipes")
 RECIPES.add("lm", "gradlane.recipes.lm:RECIPE")
+RECIPES.add("nerf_distill", "gradlane.recipes.nerf_distill:RECIPE")
 RECIPES.add("vision", "gradlane.recipes.vision:RECIPE")
