@@ -21,6 +21,7 @@ from .radiance import (  # noqa: F401
 from .render import (  # noqa: F401
     OccupancyGrid,
     Samples,
+    blend_weights,
     camera_rays,
     composite,
     psnr,

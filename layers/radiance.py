@@ -20,6 +20,7 @@ sigma = exp(clamp(raw, -2, 7)), so distillation can match densities in log space
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from typing import NamedTuple
 
@@ -185,7 +186,6 @@ class MLPField(_GeometryField):
 
 
 _HASH_PRIMES = (1, 2654435761, 805459861)  # Instant-NGP's spatial hash
-_CORNERS = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)])
 
 
 class HashField(_GeometryField):
@@ -219,28 +219,40 @@ class HashField(_GeometryField):
         self.register_buffer("resolutions", torch.tensor(res), persistent=False)
         self.register_buffer("dense", torch.tensor([(r + 1) ** 3 <= table for r in res]),
                              persistent=False)  # fmt: skip
+        side = torch.tensor(res) + 1
+        dense_strides = torch.stack([torch.ones_like(side), side, side * side])  # (3, L)
+        primes = torch.tensor(_HASH_PRIMES)[:, None].expand(3, levels)
+        self.register_buffer("strides", torch.where(self.dense, dense_strides, primes),
+                             persistent=False)  # fmt: skip
         offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
-        self.table_mask = table - 1
+        self.table_log2, self.table_mask = table_log2, table - 1
         self.table = nn.Parameter(torch.empty(sum(sizes), features).uniform_(-1e-4, 1e-4))
         self.mlp = _mlp([levels * features, hidden, self.feature_dim])
 
     def encode(self, x: Tensor) -> Tensor:
         """Concatenated interpolated features of every level, (N, levels * features)."""
-        unit = ((x + 1) / 2).clamp(0, 1)
-        pos = unit[:, None, :] * self.resolutions[None, :, None]  # (N, L, 3)
-        base = pos.floor().long().clamp(max=self.resolutions[None, :, None] - 1)
+        res = self.resolutions
+        pos = ((x.t() + 1) / 2).clamp(0, 1)[:, :, None] * res  # (3, N, L)
+        base = torch.minimum(pos.floor(), res - 1)
         frac = pos - base
-        corner = base[:, :, None, :] + _CORNERS.to(x.device)  # (N, L, 8, 3)
-        side = (self.resolutions + 1)[None, :, None]
-        dense_index = corner[..., 0] + side * (corner[..., 1] + side * corner[..., 2])
-        hashed = (corner[..., 0] * _HASH_PRIMES[0]) ^ (corner[..., 1] * _HASH_PRIMES[1])
-        hashed = (hashed ^ (corner[..., 2] * _HASH_PRIMES[2])) & self.table_mask
-        index = torch.where(self.dense[None, :, None], dense_index, hashed)
-        index = index + self.offsets[None, :, None]
-        w = torch.where(_CORNERS.to(x.device).bool(), frac[:, :, None, :], 1 - frac[:, :, None, :])
-        feats = self.table.index_select(0, index.flatten()).view(*index.shape, self.table.shape[1])
-        return (w.prod(-1)[..., None] * feats).sum(2).flatten(1)
+        # per axis and corner side (0 or 1): the vertex coordinate times the axis'
+        # stride (dense levels) or prime (hashed levels), reduced mod the table size:
+        # (a ^ b ^ c) mod 2^T = (a mod 2^T) ^ (b mod 2^T) ^ (c mod 2^T)
+        vertex = base.long()[:, None] + torch.arange(2, device=x.device)[:, None, None]
+        terms = ((vertex * self.strides[:, None, None, :]) & self.table_mask).int()
+        k = int(self.dense.sum())  # the coarse levels are the dense ones
+        weights, index = [], []
+        for cx, cy, cz in itertools.product((0, 1), repeat=3):
+            tx, ty, tz = terms[0, cx], terms[1, cy], terms[2, cz]  # (N, L) each
+            dense = tx[:, :k] + ty[:, :k] + tz[:, :k]
+            hashed = tx[:, k:] ^ ty[:, k:] ^ tz[:, k:]
+            index.append(torch.cat([dense, hashed], 1))
+            wx, wy, wz = (f if c else 1 - f for f, c in zip(frac, (cx, cy, cz), strict=True))
+            weights.append(wx * wy * wz)
+        index = torch.stack(index) + self.offsets.int()  # (8, N, L)
+        feats = self.table.index_select(0, index.flatten()).view(*index.shape, -1)
+        return (torch.stack(weights)[..., None] * feats).sum(0).flatten(1)
 
     def geometry(self, x: Tensor) -> Tensor:
         return self.mlp(self.encode(x))

@@ -92,6 +92,12 @@ def stratified_samples(
     return Samples(points, dirs[:, None].expand_as(points), deltas)
 
 
+def blend_weights(density: Tensor, deltas: Tensor) -> Tensor:
+    """T_i alpha_i of each of the (R, S) samples: its share of the pixel colour."""
+    tau = density * deltas
+    return torch.exp(-(torch.cumsum(tau, dim=-1) - tau)) * (1.0 - torch.exp(-tau))
+
+
 def composite(
     density: Tensor, rgb: Tensor, deltas: Tensor, background: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -99,9 +105,7 @@ def composite(
 
     Returns the pixel colours (R, 3) and the opacities sum_i T_i alpha_i (R,).
     """
-    tau = density * deltas
-    transmittance = torch.exp(-(torch.cumsum(tau, dim=-1) - tau))
-    weights = transmittance * (1.0 - torch.exp(-tau))
+    weights = blend_weights(density, deltas)
     opacity = weights.sum(-1)
     color = (weights[..., None] * rgb).sum(-2) + (1.0 - opacity)[:, None] * background
     return color, opacity

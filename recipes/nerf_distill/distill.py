@@ -5,12 +5,15 @@ queried at the teacher's sample points along rays from random poses around
 the scene (not only the training views), and its loss grows in stages:
 
     stage 1  || h_s - h_t ||^2                          the stage-1 representations
-    stage 2  + w_density || log sigma_s - log sigma_t ||^2 + w_color || c_s - c_t ||^2
+    stage 2  + w_density || log sigma_s - log sigma_t ||^2 + w_color || c_s - c_t ||^2_w
     stage 3  + w_rgb || C_s - C_t ||^2                   the rendered pixel colours
 
-Log densities are the clamped pre-activations (clamp to [-2, 7]). Stage 1 needs
-both fields to have a representation of one width; when one has none
-(plenoxel) training starts at stage 2.
+Log densities are the clamped pre-activations (clamp to [-2, 7]). Colours are
+compared where they show: each sample weighted by its share T_i alpha_i of the
+teacher's pixel (our choice; the paper weighs all samples alike, which spends
+the student's capacity on colours in free space). Stage 1 needs both fields to
+have a representation of one width; when one has none (plenoxel) training
+starts at stage 2.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 from gradlane.layers import (
     OccupancyGrid,
     RadianceField,
+    blend_weights,
     camera_rays,
     composite,
     psnr,
@@ -167,7 +171,10 @@ def distill_loss(
     `teacher` at the teacher's samples along `rays`; returns (loss, its terms)."""
     with torch.no_grad():
         taught = render_rays(teacher, rays, settings, generator)
-    t_out, points = taught.outputs
+        t_out, points = taught.outputs
+        valid, deltas = points[0], points[3]
+        share = blend_weights(scatter_valid(torch.exp(t_out.log_density), valid), deltas)[valid]
+        share = share / share.sum().clamp(min=1e-6)
     s_out = student(points[1], points[2])
     # Stage 1 keeps the density and colour terms at weight 0, so that every parameter
     # gets a gradient in every step (what DDP's reduction expects).
@@ -176,9 +183,9 @@ def distill_loss(
     if s_out.feature is not None and t_out.feature is not None:
         terms["feature"] = weights.feature * _mse(s_out.feature, t_out.feature)
     terms["density"] = later * weights.density * _mse(s_out.log_density, t_out.log_density)
-    terms["color"] = later * weights.color * _mse(s_out.rgb, t_out.rgb)
+    color_error = (s_out.rgb - t_out.rgb).square().mean(-1)
+    terms["color"] = later * weights.color * (share * color_error).sum()
     if stage >= 3:
-        valid, deltas = points[0], points[3]
         density = scatter_valid(torch.exp(s_out.log_density), valid)
         rgb, _ = composite(density, scatter_valid(s_out.rgb, valid), deltas, settings.background)
         terms["rgb"] = weights.rgb * F.mse_loss(rgb, taught.rgb)
@@ -251,7 +258,7 @@ class GridSchedule:
     seed: int = 0  # of the jitter of the density probes (the same on every rank)
 
 
-Callback = Callable[[int, float], None]  # (steps done, training seconds so far)
+Callback = Callable[[int], None]  # called with the number of steps done after each step
 
 
 def fit_images(
@@ -267,14 +274,10 @@ def fit_images(
     on_step: Callback | None = None,
 ) -> None:
     """Train `field` (through `model`: itself or a DDP wrapper) from the images of
-    `views`, refreshing `settings.grid` from it; `on_step` runs outside the clock."""
-    import time
-
+    `views`, refreshing `settings.grid` from it."""
     opt, decay = adam(field, lr, steps)
     gen = torch.Generator().manual_seed(seed)
-    clock = 0.0
     for step in range(steps):
-        start = time.perf_counter()
         if step >= schedule.warmup and (step - schedule.warmup) % schedule.every == 0:
             update_grid(field, settings, schedule.threshold, schedule.seed + step)
         loss = photometric_loss(model, image_rays(views, n_rays, gen), settings, gen)
@@ -284,9 +287,8 @@ def fit_images(
         decay()
         if step == steps - 1:
             update_grid(field, settings, schedule.threshold, schedule.seed + steps)
-        clock += time.perf_counter() - start
         if on_step is not None:
-            on_step(step + 1, clock)
+            on_step(step + 1)
 
 
 def distill_fields(
@@ -303,17 +305,13 @@ def distill_fields(
     on_step: Callback | None = None,
 ) -> None:
     """Distill the frozen `teacher` into `student` on rays from random poses, using the
-    teacher's occupancy grid (`settings.grid`); `on_step` runs outside the clock."""
-    import time
-
+    teacher's occupancy grid (`settings.grid`)."""
     weights = weights or LossWeights()
     teacher.requires_grad_(False)
     opt, decay = adam(student, lr, steps)
     gen = torch.Generator().manual_seed(seed)
     first = first_stage(teacher, student)
-    clock = 0.0
     for step in range(steps):
-        start = time.perf_counter()
         stage = stage_at(step, stage_ends, first)
         rays = random_pose_rays(views, n_rays, gen)
         loss, _ = distill_loss(student, teacher, rays, settings, stage, weights, gen)
@@ -321,6 +319,5 @@ def distill_fields(
         loss.backward()
         opt.step()
         decay()
-        clock += time.perf_counter() - start
         if on_step is not None:
-            on_step(step + 1, clock)
+            on_step(step + 1)

@@ -1,0 +1,282 @@
+"""Progressive volume distillation vs training from images, on the generated scene.
+
+One run, one process: a hash-grid teacher is trained from the training images;
+then an MLP is (a) distilled from the teacher and (b) trained from the images,
+and the tensorf and plenoxel students are distilled too. Every `--eval-every`
+steps each field renders all test views (outside the training clock). The
+common PSNR is the from-scratch MLP's final test PSNR; the table reports the
+training time each run takes to first reach it, the speed-up of distillation
+over training from images, and every field's final PSNR / SSIM.
+
+Targets: distillation reaches the common PSNR >= 5x faster than training from
+images; every distilled student ends within 1 dB of its teacher.
+
+Needs only torch, numpy and Pillow (matplotlib, when present, draws the curves):
+
+    python benchmarks/nerf_distill.py                       # CPU, all students
+    python benchmarks/nerf_distill.py --device cuda --students mlp --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from gradlane.layers import OccupancyGrid, build_field
+from gradlane.recipes.nerf_distill.data import load_views
+from gradlane.recipes.nerf_distill.distill import (
+    GridSchedule,
+    RenderSettings,
+    distill_fields,
+    evaluate_views,
+    fit_images,
+)
+from gradlane.recipes.nerf_distill.scene import generated_scene
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SPEEDUP_TARGET, GAP_TARGET_DB = 5.0, 1.0
+# the fields of the run (the recipe's defaults) and each one's learning rate
+FIELD_SETTINGS = {
+    "mlp": {"width": 64, "depth": 4, "freqs": 8, "skip": 2},
+    "hash": {"levels": 12, "table_log2": 15, "base_resolution": 16, "max_resolution": 256},
+    "tensorf": {"resolution": 64, "density_rank": 8, "color_rank": 16},
+    "plenoxel": {"resolution": 48, "sh_degree": 2},
+}
+SCRATCH_LR = {"mlp": 0.004, "hash": 0.01, "tensorf": 0.02, "plenoxel": 0.1}
+DISTILL_LR = {"mlp": 0.005, "hash": 0.01, "tensorf": 0.02, "plenoxel": 0.1}
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and table")
+    p.add_argument("--cache-dir", default="~/.cache/gradlane/nerf", help="where the scene is kept")
+    p.add_argument("--size", type=int, default=64, help="image side (pixels)")
+    p.add_argument("--train-views", type=int, default=100)
+    p.add_argument("--test-views", type=int, default=20)
+    p.add_argument("--rays", type=int, default=1024, help="rays per step")
+    p.add_argument("--samples", type=int, default=48, help="samples per ray")
+    p.add_argument("--teacher-steps", type=int, default=3000)
+    p.add_argument("--scratch-steps", type=int, default=3000)
+    p.add_argument("--distill-steps", type=int, default=1500)
+    p.add_argument("--stage-ends", type=int, nargs=2, default=[50, 150])
+    p.add_argument("--eval-every", type=int, default=150)
+    p.add_argument("--students", default="mlp,tensorf,plenoxel")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+class Curve:
+    """Training seconds (the device synchronised after each step) and, every `every`
+    steps, PSNR / SSIM on all test views, rendered outside the clock."""
+
+    def __init__(self, field, test, settings, every: int, label: str):
+        self.field, self.test, self.settings, self.every = field, test, settings, every
+        self.label, self.points, self.clock = label, [], 0.0
+        self.device = settings.background.device
+        self.last = time.perf_counter()
+
+    def __call__(self, step: int) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.clock += time.perf_counter() - self.last
+        if step % self.every == 0:
+            views = list(range(len(self.test)))
+            rows = evaluate_views(self.field, self.test, self.settings, views)
+            psnr = sum(r["psnr"] for r in rows) / len(rows)
+            ssim = sum(r["ssim"] for r in rows) / len(rows)
+            self.points.append({"step": step, "seconds": self.clock, "psnr": psnr, "ssim": ssim})
+            print(f"  {self.label:<22} step {step:>5} {self.clock:7.1f} s  PSNR {psnr:6.2f}",
+                  flush=True)  # fmt: skip
+        self.last = time.perf_counter()
+
+    @property
+    def final(self) -> dict:
+        return self.points[-1]
+
+    def time_to(self, psnr: float) -> float | None:
+        """Training seconds at the first evaluation reaching `psnr` (None: never)."""
+        return next((p["seconds"] for p in self.points if p["psnr"] >= psnr), None)
+
+
+def _field(arch: str, seed: int, device) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_field(arch, 1.0, 15, **FIELD_SETTINGS[arch]).to(device)
+
+
+def _settings(args, device, grid: OccupancyGrid | None = None) -> RenderSettings:
+    grid = grid if grid is not None else OccupancyGrid(32, 1.0)
+    return RenderSettings(1.0, args.samples, torch.ones(3, device=device), grid.to(device))
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    root = generated_scene(args.cache_dir, args.size, args.train_views, args.test_views)
+    white = torch.ones(3)
+    train = load_views(root, "train", white).to(device)
+    test = load_views(root, "test", white).to(device)
+    every = args.eval_every
+
+    print(f"teacher: hash, {args.teacher_steps} steps from images", flush=True)
+    teacher = _field("hash", args.seed, device)
+    t_settings = _settings(args, device)
+    t_curve = Curve(teacher, test, t_settings, args.teacher_steps, "hash teacher")
+    fit_images(teacher, teacher, train, t_settings, args.teacher_steps, SCRATCH_LR["hash"],
+               args.rays, args.seed, GridSchedule(), t_curve)  # fmt: skip
+
+    print(f"mlp from images, {args.scratch_steps} steps", flush=True)
+    scratch = _field("mlp", args.seed + 1, device)
+    s_settings = _settings(args, device)
+    s_curve = Curve(scratch, test, s_settings, every, "mlp from images")
+    fit_images(scratch, scratch, train, s_settings, args.scratch_steps, SCRATCH_LR["mlp"],
+               args.rays, args.seed + 1, GridSchedule(), s_curve)  # fmt: skip
+    target = s_curve.final["psnr"]
+
+    students = {}
+    for arch in args.students.split(","):
+        print(f"hash -> {arch} distillation, {args.distill_steps} steps", flush=True)
+        student = _field(arch, args.seed + 2, device)
+        d_settings = _settings(args, device, OccupancyGrid.from_state(t_settings.grid.state_dict()))
+        curve = Curve(student, test, d_settings, every, f"hash -> {arch}")
+        distill_fields(student, teacher, train, d_settings, args.distill_steps,
+                       tuple(args.stage_ends), DISTILL_LR[arch], args.rays, args.seed + 2,
+                       on_step=curve)  # fmt: skip
+        students[arch] = curve
+
+    scratch_time = s_curve.time_to(target)
+    rows = {
+        "teacher": {"arch": "hash", "steps": args.teacher_steps, **t_curve.final},
+        "scratch": {
+            "arch": "mlp",
+            "steps": args.scratch_steps,
+            "curve": s_curve.points,
+            "seconds_to_target": scratch_time,
+            **s_curve.final,
+        },  # fmt: skip
+        "students": {},
+    }
+    for arch, curve in students.items():
+        seconds = curve.time_to(target)
+        rows["students"][arch] = {
+            "steps": args.distill_steps,
+            "curve": curve.points,
+            "seconds_to_target": seconds,
+            "speedup": scratch_time / seconds if seconds else None,
+            "gap_to_teacher_db": t_curve.final["psnr"] - curve.final["psnr"],
+            **curve.final,
+        }
+    return {
+        "device": args.device,
+        "machine": _machine(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "fields": FIELD_SETTINGS,
+        "target_psnr": target,
+        **rows,
+    }
+
+
+def table(result: dict) -> str:
+    """The markdown table of one run."""
+    target = result["target_psnr"]
+    t = result["teacher"]
+    lines = [
+        f"{result['machine']} ({result['device']}, torch {result['torch']}, "
+        f"{result['threads']} threads); common PSNR = {target:.2f} dB "
+        "(the from-scratch MLP's final test PSNR)",
+        "",
+        "| run | steps | train s | final PSNR | final SSIM | s to common PSNR | speed-up "
+        "| gap to teacher |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| hash teacher (from images) | {t['steps']} | {t['seconds']:.1f} | {t['psnr']:.2f} "
+        f"| {t['ssim']:.3f} | | | |",
+    ]
+    s = result["scratch"]
+    lines.append(
+        f"| mlp from images | {s['steps']} | {s['seconds']:.1f} | {s['psnr']:.2f} "
+        f"| {s['ssim']:.3f} | {s['seconds_to_target']:.1f} | 1.0x | |"
+    )
+    for arch, r in result["students"].items():
+        reach = f"{r['seconds_to_target']:.1f}" if r["seconds_to_target"] else "not reached"
+        speed = f"{r['speedup']:.1f}x" if r["speedup"] else "-"
+        lines.append(
+            f"| hash -> {arch} (distilled) | {r['steps']} | {r['seconds']:.1f} "
+            f"| {r['psnr']:.2f} | {r['ssim']:.3f} | {reach} | {speed} "
+            f"| {r['gap_to_teacher_db']:+.2f} dB |"
+        )
+    mlp = result["students"].get("mlp")
+    if mlp:
+        met = mlp["speedup"] is not None and mlp["speedup"] >= SPEEDUP_TARGET
+        lines += ["", f"Target distillation >= {SPEEDUP_TARGET:g}x faster (hash -> mlp): "
+                  f"{'met' if met else 'NOT met'}"]  # fmt: skip
+    gaps = {a: r["gap_to_teacher_db"] for a, r in result["students"].items()}
+    ok = all(g <= GAP_TARGET_DB for g in gaps.values())
+    lines.append(
+        f"Target every student within {GAP_TARGET_DB:g} dB of its teacher: "
+        f"{'met' if ok else 'NOT met'} ({', '.join(f'{a} {g:+.2f}' for a, g in gaps.items())})"
+    )
+    return "\n".join(lines)
+
+
+def plot(result: dict, out: Path) -> None:
+    """Test PSNR against training seconds (skipped without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    curves = {"mlp from images": result["scratch"]["curve"]}
+    curves |= {f"hash -> {a} (distilled)": r["curve"] for a, r in result["students"].items()}
+    for label, points in curves.items():
+        ax.plot([p["seconds"] for p in points], [p["psnr"] for p in points], marker=".",
+                label=label)  # fmt: skip
+    ax.axhline(result["target_psnr"], color="gray", ls="--", lw=1, label="common PSNR")
+    ax.axhline(result["teacher"]["psnr"], color="black", ls=":", lw=1, label="hash teacher")
+    ax.set_xlabel("training seconds")
+    ax.set_ylabel("test PSNR (dB)")
+    ax.set_title(f"PVD vs training from images ({result['device']})")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = _args()
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "nerf_distill" if args.device == "cpu" else f"nerf_distill_{args.device}"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    text = table(result)
+    (args.out / f"{name}.md").write_text(text + "\n")
+    plot(result, args.out / f"{name}.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Progressive volume distillation between every pair of the four fields, the random poses
+around the scene, and the stage schedule."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from nerf_utils import fit_analytic, small_field
+
+from gradlane.layers import FIELDS, OccupancyGrid
+from gradlane.recipes.nerf_distill.data import Views
+from gradlane.recipes.nerf_distill.distill import (
+    LossWeights,
+    RenderSettings,
+    distill_fields,
+    distill_loss,
+    first_stage,
+    random_pose_rays,
+    render_rays,
+    stage_at,
+)
+from gradlane.recipes.nerf_distill.scene import look_at, sphere_position
+
+BOUND = 1.5
+
+
+def _views() -> Views:
+    """Eight cameras at radius 3.5-4.5 and elevations 20-50 degrees (images unused)."""
+    poses = [
+        look_at(sphere_position(a, math.radians(e), r)).float()
+        for a, e, r in zip(torch.linspace(0, 6, 8).tolist(), [20, 50] * 4, [3.5, 4.5] * 4,
+                           strict=True)
+    ]  # fmt: skip
+    return Views(torch.zeros(8, 12, 12, 3), torch.stack(poses), focal=14.0)
+
+
+@pytest.fixture(scope="module")
+def teachers() -> dict:
+    """Each architecture briefly fitted to the analytic ball, with its occupancy grid."""
+    out = {}
+    for arch in FIELDS:
+        field = small_field(arch, seed=5, bound=BOUND)
+        fit_analytic(field, arch, steps=25)
+        field.requires_grad_(False)
+        grid = OccupancyGrid(12, BOUND)
+        grid.update(field.density, threshold=1.0, generator=torch.Generator().manual_seed(0))
+        out[arch] = (field, grid)
+    return out
+
+
+def _error(student, teacher, views, settings) -> float:
+    """Distance of the student to the teacher on fixed rays: sample and pixel terms."""
+    rays = random_pose_rays(views, 256, torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        _, terms = distill_loss(student, teacher, rays, settings, 3, LossWeights(density=0.1))
+    return sum(v.item() for k, v in terms.items() if k != "feature")
+
+
+@pytest.mark.parametrize(
+    "pair", [p for p in itertools.permutations(sorted(FIELDS), 2)], ids="->".join
+)
+def test_distillation_lowers_the_students_error_to_the_teacher(teachers, pair):
+    teacher_arch, student_arch = pair
+    teacher, grid = teachers[teacher_arch]
+    student = small_field(student_arch, seed=11, bound=BOUND)
+    views = _views()
+    settings = RenderSettings(BOUND, 16, torch.ones(3), grid)
+    before = _error(student, teacher, views, settings)
+    lr = {"mlp": 0.005, "hash": 0.02, "tensorf": 0.02, "plenoxel": 0.2}[student_arch]
+    distill_fields(student, teacher, views, settings, steps=30, stage_ends=(8, 16), lr=lr,
+                   n_rays=128, seed=0)  # fmt: skip
+    after = _error(student, teacher, views, settings)
+    assert after < 0.6 * before, (before, after)
+
+
+def test_stages_start_at_two_without_a_shared_representation(teachers):
+    assert first_stage(teachers["hash"][0], small_field("mlp")) == 1
+    assert first_stage(teachers["plenoxel"][0], small_field("mlp")) == 2
+    assert first_stage(teachers["tensorf"][0], small_field("plenoxel")) == 2
+    assert first_stage(teachers["hash"][0], small_field("mlp", geo_feat_dim=3)) == 2
+    assert [stage_at(s, (2, 4), 1) for s in range(6)] == [1, 1, 2, 2, 3, 3]
+    assert [stage_at(s, (2, 4), 2) for s in range(6)] == [2, 2, 2, 2, 3, 3]
+
+
+def test_stage_one_trains_only_the_representation(teachers):
+    teacher, grid = teachers["hash"]
+    student = small_field("mlp", seed=3, bound=BOUND)
+    settings = RenderSettings(BOUND, 16, torch.ones(3), grid)
+    rays = random_pose_rays(_views(), 64, torch.Generator().manual_seed(0))
+    loss, terms = distill_loss(student, teacher, rays, settings, 1, LossWeights())
+    loss.backward()
+    assert terms["density"] == 0 and terms["color"] == 0 and "rgb" not in terms
+    assert all(p.grad.abs().sum() == 0 for p in student.color_head.parameters())
+    assert all(p.grad.abs().sum() > 0 for p in student.layers.parameters())
+    _, terms = distill_loss(student, teacher, rays, settings, 3, LossWeights())
+    assert set(terms) == {"feature", "density", "color", "rgb"}
+    assert all(v > 0 for v in terms.values())
+
+
+def test_random_poses_lie_in_the_training_cameras_range_and_see_the_scene():
+    views = _views()
+    rays = random_pose_rays(views, 2000, torch.Generator().manual_seed(0))
+    radius = rays.origins.norm(dim=-1)
+    assert radius.min() >= 3.5 - 1e-4 and radius.max() <= 4.5 + 1e-4
+    elevation = torch.rad2deg(torch.asin(rays.origins[:, 2] / radius))
+    assert elevation.min() >= 20 - 1e-3 and elevation.max() <= 50 + 1e-3
+    assert radius.std() > 0.2 and elevation.std() > 5  # spread, not the training poses
+    # every camera looks at the origin: its ray stays within the field of view of it
+    to_origin = torch.nn.functional.normalize(-rays.origins, dim=-1)
+    half_diagonal = math.atan(math.hypot(6, 6) / 14.0)
+    assert ((rays.dirs * to_origin).sum(-1) >= math.cos(half_diagonal) - 1e-4).all()
+    settings = RenderSettings(BOUND, 8, torch.ones(3), OccupancyGrid(4, BOUND))
+    hits = render_rays(small_field("mlp"), rays, settings).valid.any(-1)
+    assert hits.float().mean() > 0.9
