@@ -70,7 +70,7 @@ def test_distillation_lowers_the_students_error_to_the_teacher(teachers, pair):
     settings = RenderSettings(BOUND, 16, torch.ones(3), grid)
     before = _error(student, teacher, views, settings)
     lr = {"mlp": 0.005, "hash": 0.02, "tensorf": 0.02, "plenoxel": 0.2}[student_arch]
-    distill_fields(student, teacher, views, settings, steps=30, stage_ends=(8, 16), lr=lr,
+    distill_fields(student, teacher, views, settings, steps=60, stage_ends=(10, 25), lr=lr,
                    n_rays=128, seed=0)  # fmt: skip
     after = _error(student, teacher, views, settings)
     assert after < 0.6 * before, (before, after)

@@ -80,9 +80,9 @@ class ModelSettings:
     teacher: str = "hash"
     student: str = "mlp"
     teacher_checkpoint: str = ""  # "" trains the teacher first (cached under data.cache_dir)
-    teacher_steps: int = 1000
+    teacher_steps: int = 1500
     teacher_lr: float = 0.01
-    stage_steps: list[int] = field(default_factory=lambda: [150, 300])
+    stage_steps: list[int] = field(default_factory=lambda: [50, 150])
     geo_feat_dim: int = 15
     n_samples: int = 48
     grid_resolution: int = 32

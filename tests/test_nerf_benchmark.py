@@ -1,0 +1,56 @@
+"""benchmarks/nerf_distill.py: runs on tiny settings (CPU, and CUDA where present) and
+needs only torch, numpy and Pillow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+SCRIPT = ROOT / "benchmarks" / "nerf_distill.py"
+TINY = ["--size", "16", "--train-views", "4", "--test-views", "2", "--teacher-steps", "6",
+        "--scratch-steps", "6", "--distill-steps", "6", "--eval-every", "3", "--stage-ends",
+        "2", "4", "--rays", "64", "--samples", "8", "--students", "mlp,plenoxel"]  # fmt: skip
+
+
+def test_benchmark_imports_nothing_beyond_torch_numpy_and_pillow():
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('bench', {str(SCRIPT)!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "heavy = {'ray', 'mlflow', 'omegaconf', 'matplotlib'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _run(tmp_path, device: str) -> dict:
+    out = tmp_path / "out"
+    args = [*TINY, "--device", device, "--out", str(out), "--cache-dir", str(tmp_path / "c")]
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    name = "nerf_distill" if device == "cpu" else f"nerf_distill_{device}"
+    result = json.loads((out / f"{name}.json").read_text())
+    assert set(result["students"]) == {"mlp", "plenoxel"}
+    assert [p["step"] for p in result["scratch"]["curve"]] == [3, 6]
+    assert result["target_psnr"] == result["scratch"]["psnr"]
+    assert result["scratch"]["seconds_to_target"] is not None
+    table = (out / f"{name}.md").read_text()
+    assert "| hash -> plenoxel (distilled) | 6 |" in table and "Target every student" in table
+    return result
+
+
+def test_benchmark_runs_on_tiny_settings(tmp_path):
+    result = _run(tmp_path, "cpu")
+    assert result["device"] == "cpu" and result["teacher"]["steps"] == 6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_benchmark_runs_on_cuda(tmp_path):
+    result = _run(tmp_path, "cuda")
+    assert result["machine"] == torch.cuda.get_device_name()
