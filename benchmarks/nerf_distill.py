@@ -48,7 +48,7 @@ FIELD_SETTINGS = {
     "plenoxel": {"resolution": 48, "sh_degree": 2},
 }
 SCRATCH_LR = {"mlp": 0.004, "hash": 0.01, "tensorf": 0.02, "plenoxel": 0.1}
-DISTILL_LR = {"mlp": 0.005, "hash": 0.01, "tensorf": 0.02, "plenoxel": 0.1}
+DISTILL_LR = {"mlp": 0.01, "hash": 0.01, "tensorf": 0.02, "plenoxel": 0.1}
 
 
 def _args() -> argparse.Namespace:
@@ -63,7 +63,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=48, help="samples per ray")
     p.add_argument("--teacher-steps", type=int, default=3000)
     p.add_argument("--scratch-steps", type=int, default=3000)
-    p.add_argument("--distill-steps", type=int, default=1500)
+    p.add_argument("--distill-steps", type=int, default=2000)
     p.add_argument("--stage-ends", type=int, nargs=2, default=[50, 150])
     p.add_argument("--eval-every", type=int, default=150)
     p.add_argument("--students", default="mlp,tensorf,plenoxel")

@@ -251,7 +251,8 @@ class HashField(_GeometryField):
             wx, wy, wz = (f if c else 1 - f for f, c in zip(frac, (cx, cy, cz), strict=True))
             weights.append(wx * wy * wz)
         index = torch.stack(index) + self.offsets.int()  # (8, N, L)
-        feats = self.table.index_select(0, index.flatten()).view(*index.shape, -1)
+        width = self.table.shape[1]
+        feats = self.table.index_select(0, index.flatten()).view(*index.shape, width)
         return (torch.stack(weights)[..., None] * feats).sum(0).flatten(1)
 
     def geometry(self, x: Tensor) -> Tensor:
@@ -317,7 +318,7 @@ class PlenoxelField(RadianceField):
 
     def forward(self, x: Tensor, d: Tensor) -> FieldOutput:
         v = self._sample(x, slice(None))
-        sh = v[:, 1:].reshape(len(x), 3, -1)
+        sh = v[:, 1:].reshape(len(x), 3, self.sh_degree**2)
         rgb = torch.sigmoid((sh * sh_basis(d, self.sh_degree)[:, None, :]).sum(-1))
         return FieldOutput(clamp_log_density(v[:, 0]), rgb, None)
 
