@@ -18,6 +18,7 @@ from gradlane.recipes.nerf_distill.distill import (
     distill_fields,
     distill_loss,
     first_stage,
+    image_rays,
     random_pose_rays,
     render_rays,
     stage_at,
@@ -115,3 +116,17 @@ def test_random_poses_lie_in_the_training_cameras_range_and_see_the_scene():
     settings = RenderSettings(BOUND, 8, torch.ones(3), OccupancyGrid(4, BOUND))
     hits = render_rays(small_field("mlp"), rays, settings).valid.any(-1)
     assert hits.float().mean() > 0.9
+
+
+def test_image_rays_carry_the_colour_of_the_pixel_they_pass_through():
+    height, width, focal = 6, 8, 5.0
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    image = torch.stack([rows / height, cols / width, torch.zeros_like(rows, dtype=torch.float)],
+                        -1).float()  # fmt: skip
+    views = Views(torch.stack([image, image]), torch.eye(4).repeat(2, 1, 1), focal)
+    rays = image_rays(views, 50, torch.Generator().manual_seed(0))
+    # project each direction back through the pinhole (camera at the origin, looking down -z)
+    col = rays.dirs[:, 0] / -rays.dirs[:, 2] * focal + width / 2 - 0.5
+    row = -rays.dirs[:, 1] / -rays.dirs[:, 2] * focal + height / 2 - 0.5
+    torch.testing.assert_close(rays.target[:, 0], row / height)
+    torch.testing.assert_close(rays.target[:, 1], col / width)

@@ -70,14 +70,12 @@ class Rays:
 
 def image_rays(views: Views, n_rays: int, generator: torch.Generator) -> Rays:
     """`n_rays` random pixels of random training views, with their colours."""
-    index = torch.randint(len(views), (n_rays,), generator=generator)
-    pixel = torch.randint(views.height * views.width, (n_rays,), generator=generator)
-    c2w = views.c2w[index.to(views.c2w.device)]
+    device = views.images.device
+    index = torch.randint(len(views), (n_rays,), generator=generator).to(device)
+    pixel = torch.randint(views.height * views.width, (n_rays,), generator=generator).to(device)
+    c2w = views.c2w[index]
     origins, dirs = camera_rays(c2w, views.height, views.width, views.focal, pixel[:, None])
-    target = views.images.flatten(1, 2)[
-        index.to(views.images.device), pixel.to(views.images.device)
-    ]
-    return Rays(origins, dirs, target)
+    return Rays(origins, dirs, views.images.flatten(1, 2)[index, pixel])
 
 
 def random_pose_rays(views: Views, n_rays: int, generator: torch.Generator) -> Rays:

@@ -6,7 +6,6 @@ section into a dataclass or raise one `ConfigError` line naming the key.
 
 from __future__ import annotations
 
-import types
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -16,7 +15,8 @@ from gradlane.layers import FIELDS, build_field
 
 
 def _check_type(key: str, value: Any, kind: Any) -> Any:
-    """`value` converted to `kind` (int, float, str, bool, list[float], dict) or ConfigError."""
+    """`value` checked against `kind` (int, float, str, list[...], dict); ConfigError
+    naming `key` when it does not fit."""
     origin = typing.get_origin(kind)
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -27,10 +27,6 @@ def _check_type(key: str, value: Any, kind: Any) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}={value!r} must be a mapping")
         return dict(value)
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} must be true or false")
-        return value
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}={value!r} must be an integer")
@@ -60,10 +56,7 @@ def _parse(cls: type, section: Any, prefix: str):
     kwargs = {}
     for name in names:
         if name in values:
-            kind = hints[name]
-            if isinstance(kind, types.UnionType):
-                kind = next(a for a in typing.get_args(kind) if a is not type(None))
-            kwargs[name] = _check_type(f"{prefix}.{name}", values[name], kind)
+            kwargs[name] = _check_type(f"{prefix}.{name}", values[name], hints[name])
     out = cls(**kwargs)
     out.validate()
     return out

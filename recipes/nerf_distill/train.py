@@ -113,7 +113,7 @@ class NerfDistillTask(Task):
 
         self.m = ModelSettings.parse(OmegaConf.to_container(cfg.model, resolve=True))
         self.d = DataSettings.parse(OmegaConf.to_container(cfg.data, resolve=True))
-        self.ctx, self.steps = ctx, cfg.run.steps
+        self.ctx = ctx
         self.root = self._data_root()
         background = torch.tensor(self.d.background)
         self.train_views = load_views(self.root, "train", background, self.d.downscale)
@@ -156,14 +156,11 @@ class NerfDistillTask(Task):
 
     def _teacher_cache(self) -> Path:
         """Where a teacher trained by this configuration is kept."""
+        trained_with = ("teacher_", "geo_feat_dim", "n_samples", "grid_")
         key = {
             "arch": self.m.teacher,
             "settings": self.m.arch_settings(self.m.teacher),
-            "model": {
-                k: v
-                for k, v in asdict(self.m).items()
-                if k.startswith(("teacher_", "geo", "n_samples", "grid_"))
-            },  # fmt: skip
+            "model": {k: v for k, v in asdict(self.m).items() if k.startswith(trained_with)},
             "data": [
                 str(self.root.resolve()),
                 self.d.downscale,
