@@ -69,6 +69,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--students", default="mlp,tensorf,plenoxel")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--render", action="store_true", help="only redo table and plot from the JSON")
     return p.parse_args()
 
 
@@ -86,10 +87,12 @@ def _machine(device: torch.device) -> str:
 
 class Curve:
     """Training seconds (the device synchronised after each step) and, every `every`
-    steps, PSNR / SSIM on all test views, rendered outside the clock."""
+    steps and at the last (`total`), PSNR / SSIM on all test views, rendered outside
+    the clock."""
 
-    def __init__(self, field, test, settings, every: int, label: str):
-        self.field, self.test, self.settings, self.every = field, test, settings, every
+    def __init__(self, field, test, settings, every: int, total: int, label: str):
+        self.field, self.test, self.settings = field, test, settings
+        self.every, self.total = every, total
         self.label, self.points, self.clock = label, [], 0.0
         self.device = settings.background.device
         self.last = time.perf_counter()
@@ -98,7 +101,7 @@ class Curve:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.clock += time.perf_counter() - self.last
-        if step % self.every == 0:
+        if step % self.every == 0 or step == self.total:
             views = list(range(len(self.test)))
             rows = evaluate_views(self.field, self.test, self.settings, views)
             psnr = sum(r["psnr"] for r in rows) / len(rows)
@@ -140,14 +143,16 @@ def run(args: argparse.Namespace) -> dict:
     print(f"teacher: hash, {args.teacher_steps} steps from images", flush=True)
     teacher = _field("hash", args.seed, device)
     t_settings = _settings(args, device)
-    t_curve = Curve(teacher, test, t_settings, args.teacher_steps, "hash teacher")
+    t_curve = Curve(
+        teacher, test, t_settings, args.teacher_steps, args.teacher_steps, "hash teacher"
+    )
     fit_images(teacher, teacher, train, t_settings, args.teacher_steps, SCRATCH_LR["hash"],
                args.rays, args.seed, GridSchedule(), t_curve)  # fmt: skip
 
     print(f"mlp from images, {args.scratch_steps} steps", flush=True)
     scratch = _field("mlp", args.seed + 1, device)
     s_settings = _settings(args, device)
-    s_curve = Curve(scratch, test, s_settings, every, "mlp from images")
+    s_curve = Curve(scratch, test, s_settings, every, args.scratch_steps, "mlp from images")
     fit_images(scratch, scratch, train, s_settings, args.scratch_steps, SCRATCH_LR["mlp"],
                args.rays, args.seed + 1, GridSchedule(), s_curve)  # fmt: skip
     target = s_curve.final["psnr"]
@@ -157,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"hash -> {arch} distillation, {args.distill_steps} steps", flush=True)
         student = _field(arch, args.seed + 2, device)
         d_settings = _settings(args, device, OccupancyGrid.from_state(t_settings.grid.state_dict()))
-        curve = Curve(student, test, d_settings, every, f"hash -> {arch}")
+        curve = Curve(student, test, d_settings, every, args.distill_steps, f"hash -> {arch}")
         distill_fields(student, teacher, train, d_settings, args.distill_steps,
                        tuple(args.stage_ends), DISTILL_LR[arch], args.rays, args.seed + 2,
                        on_step=curve)  # fmt: skip
@@ -239,6 +244,34 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _first_time(points: list[dict], psnr: float) -> float | None:
+    return next((p["seconds"] for p in points if p["psnr"] >= psnr), None)
+
+
+def threshold_table(result: dict, levels: tuple[float, ...] = (26.0, 28.0, 29.0, 30.0)) -> str:
+    """Training seconds each run first reaches each PSNR level, and the speed-up of
+    each distilled student over the MLP trained from images."""
+    runs = {"mlp from images": result["scratch"]["curve"]}
+    runs |= {f"hash -> {a} (distilled)": r["curve"] for a, r in result["students"].items()}
+    lines = [
+        "| run | " + " | ".join(f"s to {v:g} dB (speed-up)" for v in levels) + " |",
+        "| --- |" + " ---: |" * len(levels),
+    ]
+    base = {v: _first_time(runs["mlp from images"], v) for v in levels}
+    for label, points in runs.items():
+        cells = []
+        for v in levels:
+            t = _first_time(points, v)
+            if t is None:
+                cells.append("not reached")
+            elif base[v] is None or label == "mlp from images":
+                cells.append(f"{t:.1f}")
+            else:
+                cells.append(f"{t:.1f} ({base[v] / t:.1f}x)")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(result: dict, out: Path) -> None:
     """Test PSNR against training seconds (skipped without matplotlib)."""
     try:
@@ -268,11 +301,14 @@ def plot(result: dict, out: Path) -> None:
 
 def main() -> None:
     args = _args()
-    result = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     name = "nerf_distill" if args.device == "cpu" else f"nerf_distill_{args.device}"
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
-    text = table(result)
+    if args.render:  # rewrite the table and plot from an earlier run's JSON
+        result = json.loads((args.out / f"{name}.json").read_text())
+    else:
+        result = run(args)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    text = f"{table(result)}\n\n{threshold_table(result)}"
     (args.out / f"{name}.md").write_text(text + "\n")
     plot(result, args.out / f"{name}.png")
     print(text)
