@@ -40,6 +40,7 @@ from gradlane.recipes.nerf_distill.scene import generated_scene
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPEEDUP_TARGET, GAP_TARGET_DB = 5.0, 1.0
+LOCAL_ARGS = ("out", "cache_dir", "render")  # paths and modes, not recorded in the JSON
 # the fields of the run (the recipe's defaults) and each one's learning rate
 FIELD_SETTINGS = {
     "mlp": {"width": 64, "depth": 4, "freqs": 8, "skip": 2},
@@ -195,7 +196,7 @@ def run(args: argparse.Namespace) -> dict:
         "machine": _machine(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": {k: v for k, v in vars(args).items() if k not in LOCAL_ARGS},
         "fields": FIELD_SETTINGS,
         "target_psnr": target,
         **rows,

@@ -227,6 +227,7 @@ class HashField(_GeometryField):
         offsets = torch.tensor([0, *sizes[:-1]]).cumsum(0)
         self.register_buffer("offsets", offsets, persistent=False)
         self.table_log2, self.table_mask = table_log2, table - 1
+        self.dense_levels = sum((r + 1) ** 3 <= table for r in res)
         self.table = nn.Parameter(torch.empty(sum(sizes), features).uniform_(-1e-4, 1e-4))
         self.mlp = _mlp([levels * features, hidden, self.feature_dim])
 
@@ -241,7 +242,7 @@ class HashField(_GeometryField):
         # (a ^ b ^ c) mod 2^T = (a mod 2^T) ^ (b mod 2^T) ^ (c mod 2^T)
         vertex = base.long()[:, None] + torch.arange(2, device=x.device)[:, None, None]
         terms = ((vertex * self.strides[:, None, None, :]) & self.table_mask).int()
-        k = int(self.dense.sum())  # the coarse levels are the dense ones
+        k = self.dense_levels  # the coarse levels are the dense ones
         weights, index = [], []
         for cx, cy, cz in itertools.product((0, 1), repeat=3):
             tx, ty, tz = terms[0, cx], terms[1, cy], terms[2, cz]  # (N, L) each

@@ -62,12 +62,13 @@ def test_nerf_distill_through_ray_logs_teacher_and_student_and_reuses_the_teache
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("model.student=nerf", "unknown model.student 'nerf'"),
-        ("model.mlp.width=2.5", "model.mlp.width=2.5 must be an integer"),
+        ("model.student=nerf", "model.student='nerf' is not allowed"),
+        ("model.mlp.width=2.5", "model.mlp.width=2.5 has the wrong type"),
         ("model.hash.levles=4", "unknown key 'model.hash.levles'"),
+        ("model.mlp.skip=9", r"model\.mlp width=64, depth=3 .* skip=9 in \[0, depth\)"),
         ("model.stage_steps=[5]", r"model.stage_steps=\[5\] must be"),
-        ("model.n_samples=abc", "model.n_samples='abc' must be an integer"),
-        ("data.background=[1,1]", "data.background"),
+        ("model.n_samples=abc", "model.n_samples='abc' has the wrong type"),
+        ("data.background=[1,1]", r"data.background=\[1.0, 1.0\] must be 3 numbers"),
         ("data.downscale=0", "data.downscale=0 must be >= 1"),
     ],
 )

@@ -25,7 +25,7 @@ from torch import nn
 
 from gradlane.errors import ConfigError
 from gradlane.layers import OccupancyGrid, RadianceField, build_field
-from gradlane.recipe import Task, WorkerContext
+from gradlane.recipe import EvalSums, Task, WorkerContext
 
 from .data import load_views
 from .distill import (
@@ -43,7 +43,7 @@ from .distill import (
     stage_at,
 )
 from .scene import generated_scene
-from .settings import DataSettings, ModelSettings
+from .schema import NerfData, NerfModel
 
 TEACHER_FORMAT = "gradlane.nerf_teacher/1"
 
@@ -111,8 +111,8 @@ class NerfDistillTask(Task):
     def __init__(self, cfg: Any, ctx: WorkerContext):
         from omegaconf import OmegaConf
 
-        self.m = ModelSettings.parse(OmegaConf.to_container(cfg.model, resolve=True))
-        self.d = DataSettings.parse(OmegaConf.to_container(cfg.data, resolve=True))
+        self.m: NerfModel = OmegaConf.to_object(cfg.model)
+        self.d: NerfData = OmegaConf.to_object(cfg.data)
         self.ctx = ctx
         self.root = self._data_root()
         background = torch.tensor(self.d.background)
@@ -137,7 +137,7 @@ class NerfDistillTask(Task):
             self.teacher = self._field(self.m.teacher)
             grid = load_teacher(self.m.teacher_checkpoint, self.m.teacher, self.teacher)
             self._use_teacher(self.teacher, grid)
-        self.teacher_metrics: dict[str, float] | None = None
+        self.teacher_sums: EvalSums | None = None
 
     def _data_root(self) -> Path:
         if self.d.path:
@@ -178,7 +178,9 @@ class NerfDistillTask(Task):
         """The teacher, trained from the images on first use when none was given."""
         if self.teacher is not None:
             return self.teacher
-        teacher = self._field(self.m.teacher)
+        with torch.random.fork_rng(devices=[]):  # the same initial teacher on every rank
+            torch.manual_seed(self.ctx.seed)
+            teacher = self._field(self.m.teacher)
         cache = self._teacher_cache()
         if cache.is_file():
             grid = load_teacher(cache, self.m.teacher, teacher)
@@ -189,7 +191,6 @@ class NerfDistillTask(Task):
 
     def _train_teacher(self, teacher: RadianceField, cache: Path) -> OccupancyGrid:
         ctx = self.ctx
-        torch.manual_seed(ctx.seed)
         teacher.to(ctx.device)
         model: nn.Module = teacher
         distributed = dist.is_available() and dist.is_initialized()
@@ -236,24 +237,18 @@ class NerfDistillTask(Task):
         n = len(self.test_views)
         return list(range(min(self.d.eval_views, n) if self.d.eval_views else n))
 
-    def _scores(self, field: nn.Module) -> dict[str, float]:
-        """PSNR and SSIM over the evaluated test views, each rank rendering its share."""
-        views = self._views()[self.ctx.rank :: self.ctx.world_size]
+    def _sums(self, field: nn.Module) -> dict[str, tuple[float, int]]:
+        """Summed PSNR and SSIM over this rank's share of the evaluated test views."""
+        views = self._views()[self.ctx.shard(len(self._views()))]
         rows = evaluate_views(field, self.test_views, self.settings, views)
-        sums = torch.tensor(
-            [sum(r["psnr"] for r in rows), sum(r["ssim"] for r in rows)], dtype=torch.float64
-        )
-        if dist.is_available() and dist.is_initialized() and self.ctx.world_size > 1:
-            sums = sums.to(self.ctx.device)
-            dist.all_reduce(sums)
-        psnr, ssim = (sums.cpu() / len(self._views())).tolist()
-        return {"psnr": psnr, "ssim": ssim}
+        return {k: (sum(r[k] for r in rows), len(rows)) for k in ("psnr", "ssim")}
 
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module) -> EvalSums:
+        """PSNR and SSIM of the student and the teacher (the mean over the test views)."""
         teacher = self._ensure_teacher()
-        if self.teacher_metrics is None:
-            self.teacher_metrics = {f"teacher_{k}": v for k, v in self._scores(teacher).items()}
-        return {**self._scores(model), **self.teacher_metrics}
+        if self.teacher_sums is None:
+            self.teacher_sums = {f"teacher_{k}": v for k, v in self._sums(teacher).items()}
+        return {**self._sums(model), **self.teacher_sums}
 
     def save_artifacts(self, model: nn.Module, outdir: Path) -> None:
         """nerf_strip.png (ground truth | teacher | student per row), nerf_eval.json
