@@ -159,11 +159,11 @@ class MLPField(_GeometryField):
     def __init__(self, bound: float, geo_feat_dim: int = 15, width: int = 64, depth: int = 4,
                  freqs: int = 8, skip: int = 2, color_hidden: int = 64):  # fmt: skip
         super().__init__(bound, geo_feat_dim, color_hidden)
-        if width < 1 or depth < 1 or freqs < 0 or not 0 <= skip < depth:
-            raise ValueError(
-                f"mlp width={width}, depth={depth} must be >= 1, freqs={freqs} >= 0 and "
-                f"skip={skip} in [0, depth) (0: no skip)"
-            )
+        if width < 1 or depth < 1 or freqs < 0:
+            raise ValueError(f"mlp.width={width}, mlp.depth={depth} (>= 1), mlp.freqs={freqs} "
+                             "(>= 0): out of range")  # fmt: skip
+        if not 0 <= skip < depth:
+            raise ValueError(f"mlp.skip={skip} must be in [0, mlp.depth={depth}) (0: no skip)")
         self.freqs, self.skip = freqs, skip
         enc = 3 + 6 * freqs
         sizes = [enc] + [width + (enc if i == skip else 0) for i in range(1, depth)]
@@ -204,12 +204,12 @@ class HashField(_GeometryField):
         super().__init__(bound, geo_feat_dim, color_hidden)
         if levels < 1 or features < 1 or hidden < 1 or not 4 <= table_log2 <= 26:
             raise ValueError(
-                f"hash levels={levels}, features={features}, hidden={hidden} must be >= 1 "
-                f"and table_log2={table_log2} in [4, 26]"
+                f"hash.levels={levels}, hash.features={features}, hash.hidden={hidden} (>= 1), "
+                f"hash.table_log2={table_log2} (4-26): out of range"
             )
         if not 1 <= base_resolution <= max_resolution:
             raise ValueError(
-                f"hash base_resolution={base_resolution} must be in [1, max_resolution="
+                f"hash.base_resolution={base_resolution} must be in [1, hash.max_resolution="
                 f"{max_resolution}]"
             )
         growth = math.exp(math.log(max_resolution / base_resolution) / max(levels - 1, 1))
@@ -276,8 +276,8 @@ class TensoRFField(_GeometryField):
         super().__init__(bound, geo_feat_dim, color_hidden)
         if resolution < 2 or density_rank < 1 or color_rank < 1:
             raise ValueError(
-                f"tensorf resolution={resolution} must be >= 2, density_rank={density_rank} "
-                f"and color_rank={color_rank} >= 1"
+                f"tensorf.resolution={resolution} (>= 2), tensorf.density_rank={density_rank}, "
+                f"tensorf.color_rank={color_rank} (>= 1): out of range"
             )
         rank = density_rank + color_rank
         self.density_rank = density_rank
@@ -308,7 +308,8 @@ class PlenoxelField(RadianceField):
         super().__init__(bound)
         if resolution < 2 or not 1 <= sh_degree <= 4:
             raise ValueError(
-                f"plenoxel resolution={resolution} must be >= 2 and sh_degree={sh_degree} in 1..4"
+                f"plenoxel.resolution={resolution} (>= 2), plenoxel.sh_degree={sh_degree} (1-4): "
+                "out of range"
             )
         self.sh_degree = sh_degree
         self.grid = nn.Parameter(torch.zeros(1, 1 + 3 * sh_degree**2, *(resolution,) * 3))

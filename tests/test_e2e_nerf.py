@@ -65,7 +65,7 @@ def test_nerf_distill_through_ray_logs_teacher_and_student_and_reuses_the_teache
         ("model.student=nerf", "model.student='nerf' is not allowed"),
         ("model.mlp.width=2.5", "model.mlp.width=2.5 has the wrong type"),
         ("model.hash.levles=4", "unknown key 'model.hash.levles'"),
-        ("model.mlp.skip=9", r"model\.mlp width=64, depth=3 .* skip=9 in \[0, depth\)"),
+        ("model.mlp.skip=9", r"model.mlp.skip=9 must be in \[0, mlp.depth=3\)"),
         ("model.stage_steps=[5]", r"model.stage_steps=\[5\] must be"),
         ("model.n_samples=abc", "model.n_samples='abc' has the wrong type"),
         ("data.background=[1,1]", r"data.background=\[1.0, 1.0\] must be 3 numbers"),
