@@ -17,7 +17,8 @@ from gradlane.launcher import prepare, run
 # a 16-pixel scene with 6 training views and small fields: a run takes seconds
 TINY_NERF = [
     "data.image_size=16", "data.train_views=6", "data.test_views=2", "data.rays_per_batch=96",
-    "data.strip_views=2", "model.n_samples=16", "model.teacher_steps=40", "model.stage_steps=[2,4]",
+    "data.strip_views=2", "model.n_samples=16", "model.teacher_steps=60", "model.stage_steps=[2,4]",
+    "model.grid_threshold=0.5",
     "model.grid_resolution=8", "model.hash.levels=4", "model.hash.table_log2=12",
     "model.hash.base_resolution=4", "model.hash.max_resolution=32", "model.hash.hidden=32",
     "model.mlp.width=32", "model.mlp.depth=3", "model.tensorf.resolution=16",
