@@ -5,17 +5,12 @@ is distilled into a student of any other of the four (Fang et al., AAAI 2023),
 on the built-in procedural scene or a data set in the NeRF-synthetic layout.
 """
 
-from pathlib import Path
 
-from gradlane.recipe import Recipe
+def __getattr__(name: str):
+    """`RECIPE` is built on first use, so that the scene, data and distillation modules
+    (and benchmarks/nerf_distill.py) import without OmegaConf, Ray or MLflow."""
+    if name == "RECIPE":
+        from .recipe import RECIPE
 
-from .schema import NerfData, NerfModel
-from .train import build
-
-RECIPE = Recipe(
-    description="NeRF progressive volume distillation between mlp/hash/tensorf/plenoxel fields",
-    config=Path(__file__).with_name("config.yaml"),
-    build=build,
-    model=NerfModel,
-    data=NerfData,
-)
+        return RECIPE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

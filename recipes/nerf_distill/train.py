@@ -111,8 +111,9 @@ class NerfDistillTask(Task):
     def __init__(self, cfg: Any, ctx: WorkerContext):
         from omegaconf import OmegaConf
 
-        self.m: NerfModel = OmegaConf.to_object(cfg.model)
-        self.d: NerfData = OmegaConf.to_object(cfg.data)
+        # typed on the driver, a plain DictConfig in the workers: merge onto the schema
+        self.m: NerfModel = OmegaConf.to_object(OmegaConf.merge(NerfModel, cfg.model))
+        self.d: NerfData = OmegaConf.to_object(OmegaConf.merge(NerfData, cfg.data))
         self.ctx = ctx
         self.root = self._data_root()
         background = torch.tensor(self.d.background)
