@@ -13,8 +13,9 @@ from conftest import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "nerf_distill.py"
 TINY = ["--size", "16", "--train-views", "4", "--test-views", "2", "--teacher-steps", "6",
-        "--scratch-steps", "6", "--distill-steps", "6", "--eval-every", "3", "--stage-ends",
-        "2", "4", "--rays", "64", "--samples", "8", "--students", "mlp,plenoxel"]  # fmt: skip
+        "--scratch-steps", "6", "--distill-steps", "6", "--eval-every", "3",
+        "--scratch-eval-every", "3", "--stage-ends", "2", "4", "--rays", "64", "--samples", "8",
+        "--students", "mlp,plenoxel"]  # fmt: skip
 
 
 def test_benchmark_imports_nothing_beyond_torch_numpy_and_pillow():
@@ -45,9 +46,17 @@ def _run(tmp_path, device: str) -> dict:
     return result
 
 
-def test_benchmark_runs_on_tiny_settings(tmp_path):
+def test_benchmark_runs_on_tiny_settings_with_the_teacher_cached_beforehand(tmp_path):
+    cache = ["--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "out")]
+    subprocess.run([sys.executable, str(SCRIPT), *TINY, *cache, "--teacher-only"], check=True,
+                   timeout=600)  # fmt: skip
+    assert not (tmp_path / "out").exists()
+    (teacher,) = (tmp_path / "c").glob("teacher-hash-*-16px-*.pt")
+    written = teacher.stat().st_mtime_ns
     result = _run(tmp_path, "cpu")
     assert result["device"] == "cpu" and result["teacher"]["steps"] == 6
+    assert teacher.stat().st_mtime_ns == written  # loaded, not trained again
+    assert result["teacher"]["psnr"] == torch.load(teacher)["final"]["psnr"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
