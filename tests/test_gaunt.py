@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -13,13 +14,28 @@ from torch.autograd import gradcheck, gradgradcheck
 import gradlane.layers.gaunt as gaunt_module
 from gradlane.layers import GauntSelfProduct, GauntTensorProduct
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 BACKENDS = ("grid", "fft")
 F64 = torch.float64
 
 
-def sh_irreps(lmax: int) -> o3.Irreps:
-    """The irreps of real SH coefficients: parity (-1)^l."""
-    return o3.Irreps([(1, (ell, (-1) ** ell)) for ell in range(lmax + 1)])
+@contextmanager
+def float64_default():
+    """e3nn builds Wigner D matrices and Clebsch-Gordan tables in the default dtype
+    (only float32-exact otherwise, also when cast to float64 afterwards)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(F64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default)
+
+
+def wigner_d(lmax: int, rotation: torch.Tensor) -> torch.Tensor:
+    """e3nn's D(R) for real SH coefficients of degrees 0..lmax (parity (-1)^l), float64."""
+    with float64_default():
+        irreps = o3.Irreps([(1, (ell, (-1) ** ell)) for ell in range(lmax + 1)])
+        return irreps.D_from_matrix(rotation.to(F64))
 
 
 def sh(lmax: int, points: torch.Tensor) -> torch.Tensor:
@@ -88,16 +104,17 @@ def test_matches_e3nn_tensor_product_with_gaunt_path_weights(backend):
 
     paths = [(a, b, c) for a in range(l1 + 1) for b in range(l2 + 1) for c in range(lo + 1)
              if abs(a - b) <= c <= a + b and (a + b + c) % 2 == 0]  # fmt: skip
-    tp = o3.TensorProduct(
-        irreps(l1),
-        irreps(l2),
-        irreps(lo),
-        [(a, b, c, "uuu", True) for a, b, c in paths],
-        irrep_normalization="none",
-        path_normalization="none",
-        internal_weights=False,
-        shared_weights=True,
-    ).double()
+    with float64_default():
+        tp = o3.TensorProduct(
+            irreps(l1),
+            irreps(l2),
+            irreps(lo),
+            [(a, b, c, "uuu", True) for a, b, c in paths],
+            irrep_normalization="none",
+            path_normalization="none",
+            internal_weights=False,
+            shared_weights=True,
+        )
     w1, w2, w3 = ours.weight1.detach(), ours.weight2.detach(), ours.weight_out.detach()
     weight = torch.cat([gaunt_path_weight(a, b, c) * w1[:, a] * w2[:, b] * w3[:, c]
                         for a, b, c in paths])  # fmt: skip
@@ -120,7 +137,7 @@ def test_equivariant_under_rotations_and_inversion(backend, dtype, tol):
     scale = out.abs().max()
     for k in range(3):
         rotation = o3.rand_matrix(dtype=torch.float64) * (-1) ** k  # k = 1: with inversion
-        d1, d2, do = (sh_irreps(ell).D_from_matrix(rotation).to(dtype) for ell in (l1, l2, lo))
+        d1, d2, do = (wigner_d(ell, rotation).to(dtype) for ell in (l1, l2, lo))
         rotated = module(x1 @ d1.T, x2 @ d2.T)
         assert ((rotated - out @ do.T).abs().max() / scale) < tol
 
@@ -214,7 +231,7 @@ def test_self_product_equivariant_and_differentiable():
     random_weights(module)
     x = torch.randn(3, 2, 9, dtype=F64, requires_grad=True)
     rotation = -o3.rand_matrix(dtype=F64)
-    d = sh_irreps(2).D_from_matrix(rotation)
+    d = wigner_d(2, rotation)
     assert (module(x @ d.T) - module(x) @ d.T).abs().max() < 1e-10
     assert gradcheck(module, (x,)) and gradgradcheck(module, (x,))
 
