@@ -188,8 +188,9 @@ def model_step(lmax: int, channels: int, repeat: int) -> dict[str, float] | None
     cases = {}
     for backbone in ("gaunt", "e3nn"):
         torch.manual_seed(0)
-        model = build_model(backbone, channels=channels, lmax=lmax, layers=2, cutoff=4.5, radial=8,
-                            radial_hidden=32, readout_hidden=32, correlation=2)  # fmt: skip
+        sizes = dict(channels=channels, lmax=lmax, layers=2, cutoff=4.5, radial=8,
+                     radial_hidden=32, readout_hidden=32, correlation=2)  # fmt: skip
+        model = build_model(backbone, [29], **sizes)
 
         def step(model=model):
             energy, forces = energy_and_forces(model, batch, create_graph=True)

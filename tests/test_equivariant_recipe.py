@@ -20,11 +20,13 @@ from gradlane.recipes import RECIPES
 from gradlane.recipes.equivariant.data import MDSettings, collate, load
 from gradlane.recipes.equivariant.model import energy_and_forces
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 F64 = torch.float64
 TINY_DATA = ["data.trajectories=1", "data.frames=4", "data.equilibrate=10",
              "data.sample_every=5", "data.train_temperatures=[300,600]", "data.eval_train=4",
              "data.batch_size=2"]  # fmt: skip
+DEFAULT_WIDTH = ["model.channels=32", "model.radial_hidden=32", "model.readout_hidden=32"]
 TINY_MODEL = ["model.channels=8", "model.radial_hidden=16", "model.readout_hidden=16",
               "model.layers=2", "model.lmax=2"]  # fmt: skip
 
@@ -116,16 +118,17 @@ def test_energy_invariant_and_forces_equivariant(cache, backbone):
 
 @pytest.mark.parametrize("backbone", ["gaunt", "e3nn"])
 def test_large_tensors_are_matrices_every_hook_compresses(cache, backbone):
-    """PowerSGD sends 1-D tensors as they are; here every parameter of 1000+ entries is a
-    matrix whose rank-16 factors save at least 2x, so PowerSGD (and TopK / QSGD / casts,
-    which compress any shape) compress the bulk of the model."""
-    task = build(cache, f"model.backbone={backbone}", "model.channels=32")
-    compressor = PowerSGD(16)
+    """PowerSGD sends 1-D tensors as they are; at the default width every parameter of
+    1000+ entries is a matrix whose rank-8 factors save at least 2x, so PowerSGD with
+    comm.rank <= 8 (and TopK / QSGD / casts, which compress any shape) compress the
+    bulk of the model."""
+    task = build(cache, f"model.backbone={backbone}", *DEFAULT_WIDTH)
+    compressor = PowerSGD(8)
     total = sum(p.numel() for p in task.model.parameters())
     large = {n: p for n, p in task.model.named_parameters() if p.numel() >= 1000}
     assert sum(p.numel() for p in large.values()) > 0.85 * total
     for name, p in large.items():
-        assert compressor.compresses(p.shape, 16), name
+        assert compressor.compresses(p.shape, 8), name
 
 
 @pytest.mark.parametrize(
@@ -174,23 +177,25 @@ def test_batches_depend_only_on_seed_step_and_rank(cache):
 
 
 @pytest.mark.slow
-def test_two_workers_through_ray_with_powersgd(local_ray, cache, tmp_path):
+def test_gradlane_run_two_workers_through_ray_with_powersgd(gradlane_cli, cache, tmp_path):
+    """`gradlane run equivariant ...`: an embedded Ray with 2 Train workers, PowerSGD,
+    validation metrics and the parity plot in the local MLflow store."""
     from mlflow.tracking import MlflowClient
 
-    from gradlane.launcher import run
-
-    result = run(
-        "equivariant",
-        [*TINY_DATA, *TINY_MODEL, f"data.cache_dir={cache}", "model.channels=32",
-         f"run.output_dir={tmp_path}", "run.steps=6", "run.eval_every=6", "run.log_every=2",
-         "trainer.num_workers=2", "comm.hook=powersgd", "comm.start_iter=2"],
-        show_progress=False,
+    proc = gradlane_cli(
+        "run", "equivariant", *TINY_DATA, *TINY_MODEL, f"data.cache_dir={cache}",
+        *DEFAULT_WIDTH, "run.output_dir=out", "run.steps=6", "run.eval_every=6",
+        "run.log_every=2", "trainer.num_workers=2", "comm.hook=powersgd", "comm.rank=8",
+        "comm.start_iter=2", "ray.num_cpus=2", cwd=tmp_path, timeout=300,
     )  # fmt: skip
-    client = MlflowClient(result.tracking_uri)
-    metrics = client.get_run(result.run_id).data.metrics
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (info,) = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*/run.json")]
+    assert info["status"] == "FINISHED"
+    client = MlflowClient(info["tracking_uri"])
+    metrics = client.get_run(info["run_id"]).data.metrics
     for key in ("test_energy_mae_meV_atom", "test_force_mae_meV_A", "train_force_mae_meV_A",
                 "test_force_mae_over_std"):  # fmt: skip
         assert np.isfinite(metrics[f"val/{key}"]), key
     assert metrics["comm/bytes_per_step"] < 0.5 * metrics["comm/dense_bytes_per_step"]
-    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(info["run_id"])}
     assert {"equivariant_parity.png", "equivariant_eval.json"} <= artifacts

@@ -76,6 +76,21 @@ def mlp(sizes: list[int], act: type[nn.Module] = nn.SiLU) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class ElementEmbedding(nn.Module):
+    """Learned features of the elements the data holds, Z -> (C,): one row per element
+    (an embedding over all 118 would be unused rows, and too wide for PowerSGD)."""
+
+    def __init__(self, elements: list[int], channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(len(elements), channels))
+        row = torch.full((MAX_Z,), len(elements))  # an element not in the list: IndexError
+        row[torch.tensor(elements)] = torch.arange(len(elements))
+        self.register_buffer("row", row, False)
+
+    def forward(self, numbers: Tensor) -> Tensor:
+        return self.weight[self.row[numbers]]
+
+
 class DegreeLinear(nn.Module):
     """Channel mixing per degree: out[o, lm] = sum_c W[o, l, c] x[c, lm] (equivariant)."""
 
@@ -201,6 +216,7 @@ class EquivariantPotential(nn.Module):
     def __init__(
         self,
         backbone: str,
+        elements: list[int],
         channels: int,
         lmax: int,
         layers: int,
@@ -213,7 +229,7 @@ class EquivariantPotential(nn.Module):
     ):
         super().__init__()
         self.lmax, self.channels = lmax, channels
-        self.embed = nn.Embedding(MAX_Z, channels)
+        self.embed = ElementEmbedding(elements, channels)
         self.basis = RadialBasis(radial, cutoff)
         self.layers = nn.ModuleList(
             EquivariantLayer(
@@ -252,9 +268,9 @@ def edge_vectors(positions: Tensor, cells: Tensor, batch: GraphBatch) -> Tensor:
 class PlainMessagePassing(nn.Module):
     """Cartesian message passing (not equivariant): messages from [h_j, basis(r), r / |r|]."""
 
-    def __init__(self, channels, layers, cutoff, radial, radial_hidden, readout_hidden):
+    def __init__(self, elements, channels, layers, cutoff, radial, radial_hidden, readout_hidden):
         super().__init__()
-        self.embed = nn.Embedding(MAX_Z, channels)
+        self.embed = ElementEmbedding(elements, channels)
         self.basis = RadialBasis(radial, cutoff)
         self.messages = nn.ModuleList(
             mlp([channels + radial + 3, radial_hidden, channels]) for _ in range(layers)
@@ -282,9 +298,11 @@ class PlainMessagePassing(nn.Module):
 class FramePotential(nn.Module):
     """The "frame_averaging" backbone: PlainMessagePassing averaged over E(3) PCA frames."""
 
-    def __init__(self, channels, layers, cutoff, radial, radial_hidden, readout_hidden):
+    def __init__(self, elements, channels, layers, cutoff, radial, radial_hidden, readout_hidden):
         super().__init__()
-        plain = PlainMessagePassing(channels, layers, cutoff, radial, radial_hidden, readout_hidden)
+        plain = PlainMessagePassing(
+            elements, channels, layers, cutoff, radial, radial_hidden, readout_hidden
+        )
         self.frames = FrameAveraging(plain, group="E3", output="invariant")
         add_energy_statistics(self)
 
@@ -317,13 +335,13 @@ def set_statistics(model: nn.Module, shift: Tensor, scale: float, avg_neighbours
             module.avg_neighbours.fill_(avg_neighbours)
 
 
-def build_model(backbone: str, **kwargs) -> nn.Module:
-    """The potential for `backbone` (one of BACKBONES)."""
+def build_model(backbone: str, elements: list[int], **kwargs) -> nn.Module:
+    """The potential for `backbone` (one of BACKBONES) over atoms of `elements` (Z)."""
     if backbone == "frame_averaging":
         for key in ("lmax", "correlation", "tp_backend"):
             kwargs.pop(key, None)
-        return FramePotential(**kwargs)
-    return EquivariantPotential(backbone, **kwargs)
+        return FramePotential(elements, **kwargs)
+    return EquivariantPotential(backbone, elements, **kwargs)
 
 
 def energy_and_forces(model: nn.Module, batch: GraphBatch, create_graph: bool):

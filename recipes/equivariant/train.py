@@ -43,7 +43,8 @@ class EquivariantTask(Task):
         arrays = load(MDSettings.of(d), cache)
         self.train = to_structures(arrays["train"], m.cutoff)
         self.test = to_structures(arrays["test"], m.cutoff)
-        self.model = build_model(m.backbone, **{k: m[k] for k in MODEL_KEYS})
+        elements = torch.unique(torch.cat([self.train.numbers, self.test.numbers])).tolist()
+        self.model = build_model(m.backbone, elements, **{k: m[k] for k in MODEL_KEYS})
         shift, self.scale, neighbours = statistics(self.train)
         set_statistics(self.model, shift, self.scale, neighbours)
         self.ctx, self.batch_size = ctx, d.batch_size
