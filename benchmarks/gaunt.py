@@ -144,6 +144,7 @@ def compare(lmax: int, batch: int, channels: int, repeat: int, device, anchor: b
             for p in module.parameters():
                 p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
         ours[backend] = module.to(device)
+    ours["fft"].load_state_dict(ours["grid"].state_dict())  # the weights e3nn's paths get
     cases = {f"ours {b}": (m, (x1, x2)) for b, m in ours.items()}
     diffs = {}
     if anchor:
