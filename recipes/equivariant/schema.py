@@ -46,7 +46,7 @@ class EquivariantData:
     timestep_fs: float = param(5.0, gt=0.0)
     friction_per_fs: float = param(0.02, ge=0.0)
     seed: int = param(0, ge=0)  # the data's own seed (independent of run.seed)
-    cache_dir: str = param("")  # generated data cache; "" = ~/.cache/gradlane/equivariant
+    cache_dir: str = param("")  # generated data cache; "" = ~/.cache/gradlane/md
     batch_size: int = param(4, ge=1)  # structures per worker per step
     eval_train: int = param(64, ge=0)  # training structures scored at evaluation (0: none)
 
