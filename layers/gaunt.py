@@ -42,8 +42,8 @@ from .spherical import degrees, sh_dim
 BACKENDS = ("auto", "grid", "fft")
 WEIGHTS = ("per_degree", None)
 # "auto" uses the FFT route when the total degree L1 + L2 + Lout reaches this, per device
-# type. CPU: the grid route was faster at every measured lmax, up to 12
-# (benchmarks/results/gaunt_cpu.md); CUDA: not measured yet, so the grid route too.
+# type: the grid route was faster at every measured lmax, up to 12 on the CPU and 16 on
+# an H100 (benchmarks/results/gaunt_cpu.md, gaunt_cuda.md).
 FFT_FROM = {"cpu": math.inf, "cuda": math.inf}
 # On the CPU the rows are processed in chunks whose sampled values take about this many
 # bytes, so that the grid tensors stay in cache (the transforms are memory-bound).
