@@ -4,6 +4,8 @@ One import line per module; each public name is re-exported here.
 """
 
 from .evonorm import IMPLS, NORMS, WITHOUT_ACT, EvoNormB0, EvoNormS0, convert_norms, evonorm  # noqa: F401
+from .frames import FrameAveraging, Frames  # noqa: F401
+from .gaunt import GauntSelfProduct, GauntTensorProduct  # noqa: F401
 from .hyper import ENCODINGS, HyperNet, Hypernetized, hypernetize, mip_encode  # noqa: F401
 from .radiance import (  # noqa: F401
     FIELDS,

@@ -35,6 +35,18 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for tests of tiny tensors: on a shared machine, handing each op
+    to a second thread costs more than the op (a gradgradcheck: minutes, not seconds)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout=600):
     """Run the installed `gradlane` console script; returns the CompletedProcess."""
     exe = Path(sys.executable).with_name("gradlane")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = ("compressors", "optimizers", "layers", "recipes", "recipes.lm", "recipes.vision")
+SUBPACKAGES = ("compressors", "optimizers", "layers", "recipes", "recipes.lm", "recipes.vision",
+               "recipes.equivariant")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,8 @@ def test_wheel_holds_one_namespace_and_the_recipe_yaml(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.startswith("gradlane-")}
     assert tops == {"gradlane"}  # no generic top-level `plugin`, `layers`, ...
-    assert {"gradlane/recipes/lm/config.yaml", "gradlane/recipes/vision/config.yaml"} <= set(names)
+    for recipe in ("lm", "vision", "equivariant"):
+        assert f"gradlane/recipes/{recipe}/config.yaml" in names, recipe
     assert "gradlane/cli.py" in names
     for sub in SUBPACKAGES:
         assert f"gradlane/{sub.replace('.', '/')}/__init__.py" in names, sub

@@ -1,0 +1,310 @@
+"""Gaunt tensor product (grid and FFT backends) vs e3nn's TensorProduct, same quantity.
+
+    /work/bin/cpu-run bench .venv/bin/python benchmarks/gaunt.py            # CPU, B=64
+    python benchmarks/gaunt.py --device cuda --out DIR                      # GPU, B=256
+    .venv/bin/python benchmarks/gaunt.py --quick                            # smoke run
+
+Both sides compute, per channel ("uuu"), the product of two SH feature vectors
+of degree lmax projected to degree lmax on every path with l1 + l2 + l3 even:
+ours is `GauntTensorProduct(lmax, lmax, lmax, C)` with per-degree weights w1, w2,
+w3; e3nn's is `o3.TensorProduct` with instructions (l1, l2, l3, "uuu") whose path
+weights are the Gaunt factors g(l1, l2, l3) and whose weights are w1 w2 w3. Inputs
+are in each library's own layout (not timed). Time: median over interleaved
+rounds of forward, and of forward + backward (gradients of both inputs), fp32;
+"max rel diff" compares outputs and input gradients to e3nn's. Extra sizes
+(--backend-lmax) time the two backends alone, to find where FFT overtakes the
+grid. The CPU run also times one training step of the recipe's potential with
+backbone=gaunt vs backbone=e3nn at the same width and lmax. Only torch, e3nn and
+numpy are needed on the --device cuda path. Writes gaunt_<device>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gradlane.layers import GauntTensorProduct
+from gradlane.layers.gaunt import FFT_FROM
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {4: 8.0, 8: 15.0}  # lmax -> speedup over e3nn required (CPU, fwd and fwd+bwd)
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                    if line.startswith("Model name"))  # fmt: skip
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def gaunt_path_weight(l1: int, l2: int, l3: int) -> float:
+    """g(l1, l2, l3) with Gaunt = g x e3nn's unit-norm wigner_3j: the invariant
+    sum_m C Y_l1 Y_l2 Y_l3 (component normalisation) evaluated at one point."""
+    from e3nn import o3
+
+    point = torch.tensor([[0.3, -0.5, 0.8]], dtype=torch.float64)
+    ys = [
+        o3.spherical_harmonics(ell, point, normalize=True, normalization="component")[0]
+        for ell in (l1, l2, l3)
+    ]
+    return torch.einsum("ijk,i,j,k->", o3.wigner_3j(l1, l2, l3, dtype=torch.float64), *ys).item()
+
+
+def e3nn_product(lmax: int, channels: int, w: list[torch.Tensor], device) -> Callable:
+    """e3nn's TensorProduct with weight g(l1, l2, l3) w1 w2 w3 on each path."""
+    from e3nn import o3
+
+    irreps = o3.Irreps([(channels, (ell, (-1) ** ell)) for ell in range(lmax + 1)])
+    paths = [(a, b, c) for a in range(lmax + 1) for b in range(lmax + 1)
+             for c in range(abs(a - b), min(a + b, lmax) + 1) if (a + b + c) % 2 == 0]  # fmt: skip
+    tp = o3.TensorProduct(
+        irreps, irreps, irreps,
+        [(a, b, c, "uuu", True) for a, b, c in paths],
+        irrep_normalization="none", path_normalization="none",
+        internal_weights=False, shared_weights=True,
+    ).to(device)  # fmt: skip
+    # e3nn applies an instruction's path_weight under a square root: g goes into the weights
+    weight = torch.cat([gaunt_path_weight(a, b, c) * w[0][:, a] * w[1][:, b] * w[2][:, c]
+                        for a, b, c in paths]).to(device)  # fmt: skip
+    return lambda x1, x2: tp(x1, x2, weight)
+
+
+def e3nn_layout(x: torch.Tensor, lmax: int) -> torch.Tensor:
+    return torch.cat([x[..., e * e : (e + 1) ** 2].flatten(1) for e in range(lmax + 1)], 1)
+
+
+def timer(device: torch.device) -> Callable[[Callable], float]:
+    def run(fn: Callable) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return 1e3 * (time.perf_counter() - t0)
+
+    return run
+
+
+def measure(cases: dict[str, tuple[Callable, tuple]], repeat: int, device) -> dict[str, dict]:
+    """Median ms of forward and forward+backward for each case, the cases interleaved."""
+    clock = timer(device)
+    steps = {}
+    for name, (fn, inputs) in cases.items():
+        grads = [torch.randn_like(fn(*inputs))]
+
+        def fwd(fn=fn, inputs=inputs):
+            with torch.no_grad():
+                fn(*inputs)
+
+        def fwd_bwd(fn=fn, inputs=inputs, grads=grads):
+            torch.autograd.grad(fn(*inputs), inputs, grads)
+
+        steps[name] = (fwd, fwd_bwd)
+    times = {name: ([], []) for name in cases}
+    for _ in range(6):  # warm-up (e3nn's TorchScript kernels settle after a few calls)
+        for fwd, fwd_bwd in steps.values():
+            fwd()
+            fwd_bwd()
+    for _ in range(repeat):
+        for name, (fwd, fwd_bwd) in steps.items():
+            times[name][0].append(clock(fwd))
+            times[name][1].append(clock(fwd_bwd))
+    return {n: {"fwd_ms": statistics.median(f), "fwd_bwd_ms": statistics.median(b)}
+            for n, (f, b) in times.items()}  # fmt: skip
+
+
+def max_rel_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def compare(lmax: int, batch: int, channels: int, repeat: int, device, anchor: bool) -> list[dict]:
+    gen = torch.Generator().manual_seed(lmax)
+    d = (lmax + 1) ** 2
+    x1 = torch.randn(batch, channels, d, generator=gen).to(device).requires_grad_()
+    x2 = torch.randn(batch, channels, d, generator=gen).to(device).requires_grad_()
+    ours = {}
+    for backend in ("grid", "fft"):
+        module = GauntTensorProduct(lmax, lmax, lmax, channels, backend=backend)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+        ours[backend] = module.to(device)
+    ours["fft"].load_state_dict(ours["grid"].state_dict())  # the weights e3nn's paths get
+    cases = {f"ours {b}": (m, (x1, x2)) for b, m in ours.items()}
+    diffs = {}
+    if anchor:
+        w = [p.detach().cpu() for p in ours["grid"].parameters()]
+        tp = e3nn_product(lmax, channels, w, device)
+        y1 = e3nn_layout(x1.detach(), lmax).requires_grad_()
+        y2 = e3nn_layout(x2.detach(), lmax).requires_grad_()
+        cases["e3nn"] = (tp, (y1, y2))
+        g = torch.randn(batch, channels, d, generator=gen).to(device)
+        ref = tp(y1, y2)
+        ref_grads = torch.autograd.grad(ref, (y1, y2), e3nn_layout(g, lmax))
+        for name, module in ours.items():
+            out = module(x1, x2)
+            grads = torch.autograd.grad(out, (x1, x2), g)
+            pairs = [(out, ref), *zip(grads, ref_grads, strict=True)]
+            diffs[f"ours {name}"] = max(max_rel_diff(e3nn_layout(a, lmax), b) for a, b in pairs)
+    timed = measure(cases, repeat, device)
+    rows = []
+    for name, t in timed.items():
+        row = {"lmax": lmax, "case": name, **t}
+        if anchor and name != "e3nn":
+            row["speedup_fwd"] = timed["e3nn"]["fwd_ms"] / t["fwd_ms"]
+            row["speedup_fwd_bwd"] = timed["e3nn"]["fwd_bwd_ms"] / t["fwd_bwd_ms"]
+            row["max_rel_diff"] = diffs[name]
+        rows.append(row)
+    return rows
+
+
+def model_step(lmax: int, channels: int, repeat: int) -> dict[str, float] | None:
+    """ms per training step (energy, forces with create_graph, backward) of the recipe's
+    potential, backbone gaunt vs e3nn, on one fixed batch of 8 EMT structures."""
+    try:
+        from gradlane.recipes.equivariant.data import MDSettings, collate, load, to_structures
+        from gradlane.recipes.equivariant.model import build_model, energy_and_forces
+    except ImportError as exc:  # the --device cuda environment need not have the recipe's deps
+        print(f"model step skipped: {exc}")
+        return None
+    settings = MDSettings((1, 2, 3), 3.61, 0.0, 0.02, (300.0,), 600.0, 1, 20, 8, 5, 5.0, 0.02, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = to_structures(load(settings, Path(tmp))["train"], 4.5)
+    batch = collate(data, list(range(8))).to(torch.device("cpu"), torch.float32)
+    cases = {}
+    for backbone in ("gaunt", "e3nn"):
+        torch.manual_seed(0)
+        sizes = dict(channels=channels, lmax=lmax, layers=2, cutoff=4.5, radial=8,
+                     radial_hidden=32, readout_hidden=32, correlation=2)  # fmt: skip
+        model = build_model(backbone, [29], **sizes)
+
+        def step(model=model):
+            energy, forces = energy_and_forces(model, batch, create_graph=True)
+            (energy.square().mean() + forces.square().mean()).backward()
+
+        cases[backbone] = step
+    clock = timer(torch.device("cpu"))
+    for fn in [*cases.values()] * 2:
+        fn()
+    times = {name: [] for name in cases}
+    for _ in range(repeat):
+        for name, fn in cases.items():
+            times[name].append(clock(fn))
+    out = {f"{name}_ms": statistics.median(t) for name, t in times.items()}
+    out["speedup"] = out["e3nn_ms"] / out["gaunt_ms"]
+    return {"lmax": lmax, "channels": channels, "structures": 8, "atoms": 8 * 24,
+            "edges": int(batch.src.numel()), **out}  # fmt: skip
+
+
+def markdown(s: dict) -> str:
+    dev = s["device"]
+    lines = [
+        f"### Gaunt tensor product vs e3nn TensorProduct, {dev}, B={s['batch']}, "
+        f"C={s['channels']}, fp32",
+        "",
+        "| lmax | case | forward ms | speedup | fwd+bwd ms | speedup | max rel diff |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in s["rows"]:
+        sp = f"{r['speedup_fwd']:.1f}x" if "speedup_fwd" in r else ""
+        spb = f"{r['speedup_fwd_bwd']:.1f}x" if "speedup_fwd_bwd" in r else ""
+        diff = f"{r['max_rel_diff']:.1e}" if "max_rel_diff" in r else ""
+        lines.append(f"| {r['lmax']} | {r['case']} | {r['fwd_ms']:.2f} | {sp} "
+                     f"| {r['fwd_bwd_ms']:.2f} | {spb} | {diff} |")  # fmt: skip
+    faster = s["fft_faster_from"] or "none measured"
+    lines += ["", f"FFT faster than grid (forward) from lmax: {faster}."]
+    for lmax, need in TARGETS.items():
+        if dev == "cpu" and lmax in s["lmax"]:
+            best = max((r for r in s["rows"] if r["lmax"] == lmax and "speedup_fwd" in r),
+                       key=lambda r: min(r["speedup_fwd"], r["speedup_fwd_bwd"]))  # fmt: skip
+            met = min(best["speedup_fwd"], best["speedup_fwd_bwd"]) >= need
+            lines.append(
+                f"Target lmax {lmax}: >= {need:g}x e3nn forward and fwd+bwd: "
+                f"**{'met' if met else 'NOT met'}** ({best['case']}: "
+                f"{best['speedup_fwd']:.1f}x / {best['speedup_fwd_bwd']:.1f}x)."
+            )
+    if s.get("model_step"):
+        m = s["model_step"]
+        lines += [
+            "",
+            f"Recipe potential, one training step (energy + forces with create_graph + "
+            f"backward), {m['structures']} structures / {m['atoms']} atoms / {m['edges']} "
+            f"edges, C={m['channels']}, lmax={m['lmax']}: gaunt {m['gaunt_ms']:.1f} ms, "
+            f"e3nn {m['e3nn_ms']:.1f} ms ({m['speedup']:.2f}x).",
+        ]
+    lines += ["", f"Command: `{s['command']}`  ", f"Machine: {s['machine']}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--batch", type=int, help="default: 64 on cpu, 256 on cuda")
+    p.add_argument("--channels", type=int, default=128)
+    p.add_argument("--lmax", type=int, nargs="+", default=[2, 4, 6, 8])
+    p.add_argument("--backend-lmax", type=int, nargs="*", default=[10, 12, 16],
+                   help="extra sizes timing the two backends only (no e3nn)")  # fmt: skip
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-model", action="store_true", help="skip the recipe model step")
+    p.add_argument("--quick", action="store_true", help="smoke run: lmax 2 4, B=8, 2 rounds")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    batch = args.batch or (256 if device.type == "cuda" else 64)
+    if args.quick:
+        args.lmax, args.backend_lmax, batch, args.repeat = [2, 4], [6], 8, 2
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    rows = []
+    for lmax in [*args.lmax, *args.backend_lmax]:
+        rows += compare(lmax, batch, args.channels, args.repeat, device, lmax in args.lmax)
+        print(*(f"lmax {r['lmax']} {r['case']}: {r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f} ms"
+                for r in rows if r["lmax"] == lmax), sep="\n", flush=True)  # fmt: skip
+    by = {(r["lmax"], r["case"]): r for r in rows}
+    faster = [lm for lm in sorted({r["lmax"] for r in rows})
+              if by[lm, "ours fft"]["fwd_ms"] < by[lm, "ours grid"]["fwd_ms"]]  # fmt: skip
+    step = None
+    if device.type == "cpu" and not args.no_model:
+        step = model_step(2, 32, args.repeat)
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"{cpu_model()}, {os.cpu_count()} CPUs, {args.threads} torch threads")  # fmt: skip
+    import e3nn
+
+    summary = {
+        "device": device.type,
+        "batch": batch,
+        "channels": args.channels,
+        "lmax": args.lmax,
+        "rows": rows,
+        "fft_faster_from": faster[0] if faster else None,
+        "auto_rule_fft_from_total_degree": FFT_FROM.get(device.type),
+        "model_step": step,
+        "command": shlex.join(["python", "benchmarks/gaunt.py", *sys.argv[1:]]),
+        "machine": f"{name}; torch {torch.__version__}, e3nn {e3nn.__version__}, "
+        f"python {platform.python_version()}; 1-min load {load:.1f} at start, "
+        f"{os.getloadavg()[0]:.1f} at end; median of {args.repeat} interleaved rounds",
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"gaunt_{device.type}.json").write_text(json.dumps(summary, indent=1, default=str))
+    (args.out / f"gaunt_{device.type}.md").write_text(markdown(summary))
+    print(markdown(summary))
+
+
+if __name__ == "__main__":
+    main()

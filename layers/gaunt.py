@@ -1,0 +1,299 @@
+"""Gaunt tensor products: equivariant products of spherical functions, by grid or by FFT.
+
+Luo, Chen, Krishnapriyan, "Enabling Efficient Equivariant Operations in the
+Fourier Basis via Gaunt Tensor Products", ICLR 2024. Inputs hold real SH
+coefficients (e3nn's convention and layout, component normalisation:
+`spherical.py`) of functions f1, f2 on the sphere, one function per channel;
+the output holds the coefficients of their product up to degree L_out:
+
+    out[l3 m3] = sum G(l1 m1, l2 m2, l3 m3) x1[l1 m1] x2[l2 m2],   G = mean_S2(Y_l1m1 Y_l2m2 Y_l3m3)
+
+G are Gaunt coefficients. By equivariance G = g(l1, l2, l3) C(l1 l2 l3) with C
+e3nn's Clebsch-Gordan (`wigner_3j`) tensors, so this is e3nn's "uuu"
+`TensorProduct` with fixed path weights g, computed in O(L^3) instead of O(L^6).
+Parity limits which paths exist: G = 0 unless l1 + l2 + l3 is even, so a Gaunt
+product never yields, e.g., the cross product of two vectors (1 x 1 -> 1); it
+only produces what a product of two functions on the sphere can.
+
+With `weights="per_degree"` each channel c scales its inputs and output per degree,
+
+    out = w3[c, l3] GP(w1[c, l1] x1, w2[c, l2] x2)     (learnable, initialised to 1)
+
+which equals a "uuu" TensorProduct with path weights w1 w2 w3 g.
+
+Backends (the same module, the same numbers): "grid" samples both inputs on a
+Gauss-Legendre x uniform grid, multiplies pointwise and projects back by exact
+quadrature (`sh_grid.py`); "fft" goes through the 2-D Fourier basis and computes
+the product as an FFT convolution (`sh_fourier.py`). "auto" picks per size and
+device from the measured crossover (`benchmarks/gaunt.py`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .sh_fourier import FourierSampler
+from .sh_grid import GridSampler
+from .spherical import degrees, sh_dim
+
+BACKENDS = ("auto", "grid", "fft")
+WEIGHTS = ("per_degree", None)
+# "auto" uses the FFT route when the total degree L1 + L2 + Lout reaches this, per device
+# type: the grid route was faster at every measured lmax, up to 12 on the CPU and 16 on
+# an H100 (benchmarks/results/gaunt_cpu.md, gaunt_cuda.md).
+FFT_FROM = {"cpu": math.inf, "cuda": math.inf}
+# On the CPU the rows are processed in chunks whose sampled values take about this many
+# bytes, so that the grid tensors stay in cache (the transforms are memory-bound).
+CHUNK_BYTES = 2**20
+
+Samplers = dict[str, "GridSampler | FourierSampler"]
+
+
+def choose_backend(total: int, device: torch.device) -> str:
+    """The faster backend for products of total degree `total` (L1 + L2 + Lout) on `device`."""
+    return "fft" if total >= FFT_FROM.get(device.type, math.inf) else "grid"
+
+
+def _check_lmax(**lmax: int) -> None:
+    for name, value in lmax.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name}={value!r} must be an integer >= 0")
+
+
+def _check_options(channels: int | None, weights: str | None, backend: str) -> None:
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights={weights!r} is not allowed; allowed: 'per_degree', None")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+    if weights is not None and (not isinstance(channels, int) or channels < 1):
+        raise ValueError(f"channels={channels!r} must be an integer >= 1 with per-degree weights")
+
+
+def _chunk_rows(sampler, x: Tensor) -> int:
+    if x.device.type != "cpu":
+        return max(x.shape[0], 1)
+    return max(64, CHUNK_BYTES // (sampler.n_alpha * sampler.n_beta * x.element_size()))
+
+
+class _Product(torch.autograd.Function):
+    """out = P_L(f1 f2) for x1, x2 (R, dims) -> (R, (L+1)^2), in chunks of rows.
+
+    Gaunt coefficients are symmetric in their three (l, m) pairs, so the gradient
+    is again a product: d<g, out>/dx1 = P_L1(G f2), G the function with coefficients g.
+    The backward is `_ProductPair` (both input gradients in one pass), whose own
+    backward is made of `_Product`: every order of derivative stays exact and cheap,
+    and only the inputs are saved, never the sampled values."""
+
+    @staticmethod
+    def forward(ctx, x1, x2, sampler, lmax1, lmax2, lmax):
+        ctx.save_for_backward(x1, x2)
+        ctx.meta = (sampler, lmax1, lmax2, lmax)
+        out = x1.new_empty(x1.shape[0], sh_dim(lmax))
+        step = _chunk_rows(sampler, x1)
+        for s in range(0, x1.shape[0], step):
+            values = sampler.synthesis(x1[s : s + step], lmax1)
+            values.mul_(sampler.synthesis(x2[s : s + step], lmax2))
+            out[s : s + step] = sampler.analysis(values, lmax).T
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x1, x2 = ctx.saved_tensors
+        sampler, lmax1, lmax2, lmax = ctx.meta
+        g1, g2 = _ProductPair.apply(grad, x1, x2, sampler, lmax, lmax1, lmax2)
+        return g1, g2, None, None, None, None
+
+
+class _ProductPair(torch.autograd.Function):
+    """(P_L1(G f2), P_L2(G f1)): both input gradients of `_Product`, sharing the samples."""
+
+    @staticmethod
+    def forward(ctx, g, x1, x2, sampler, lmax, lmax1, lmax2):
+        ctx.save_for_backward(g, x1, x2)
+        ctx.meta = (sampler, lmax, lmax1, lmax2)
+        out1 = x1.new_empty(x1.shape)
+        out2 = x2.new_empty(x2.shape)
+        step = _chunk_rows(sampler, x1)
+        for s in range(0, x1.shape[0], step):
+            gv = sampler.synthesis(g[s : s + step], lmax)
+            f1 = sampler.synthesis(x1[s : s + step], lmax1)
+            f2 = sampler.synthesis(x2[s : s + step], lmax2)
+            out1[s : s + step] = sampler.analysis(f2.mul_(gv), lmax1).T
+            out2[s : s + step] = sampler.analysis(f1.mul_(gv), lmax2).T
+        return out1, out2
+
+    @staticmethod
+    def backward(ctx, grad1, grad2):
+        g, x1, x2 = ctx.saved_tensors
+        sampler, lmax, lmax1, lmax2 = ctx.meta
+        grad_g = _Product.apply(grad1, x2, sampler, lmax1, lmax2, lmax)
+        grad_g = grad_g + _Product.apply(grad2, x1, sampler, lmax2, lmax1, lmax)
+        grad_x1 = _Product.apply(grad2, g, sampler, lmax2, lmax, lmax1)
+        grad_x2 = _Product.apply(grad1, g, sampler, lmax1, lmax, lmax2)
+        return grad_g, grad_x1, grad_x2, None, None, None, None
+
+
+class _SphereProduct(nn.Module):
+    """Shared parts: both samplers, backend choice, per-degree weights and shapes."""
+
+    def __init__(self, total: int, product: int, lmax_out: int, backend: str):
+        super().__init__()
+        self.lmax_out, self.backend, self.total = lmax_out, backend, total
+        self._samplers: Samplers = {
+            "grid": GridSampler(total),
+            "fft": FourierSampler(total, product),
+        }
+        self._degree_index: dict = {}
+
+    def sampler(self, x: Tensor) -> GridSampler | FourierSampler:
+        name = choose_backend(self.total, x.device) if self.backend == "auto" else self.backend
+        return self._samplers[name]
+
+    def _per_degree(self, weight: Tensor, lmax: int) -> Tensor:
+        """(C, L+1) -> (C, (L+1)^2): each degree's weight repeated over its 2l+1 orders."""
+        key = (lmax, weight.device)
+        if key not in self._degree_index:
+            self._degree_index[key] = degrees(lmax).to(weight.device)
+        return weight[:, self._degree_index[key]]
+
+    def _output(self, out: Tensor, lead: torch.Size) -> Tensor:
+        """(R, (Lout+1)^2) -> (*lead, (Lout+1)^2), scaled by the output weights."""
+        out = out.reshape(*lead, out.shape[-1])
+        if self.weighted:
+            out = out * self._per_degree(self.weight_out, self.lmax_out)
+        return out
+
+    def _check(self, x: Tensor, lmax: int, name: str) -> None:
+        ok = x.dim() >= 2 and x.shape[-1] == sh_dim(lmax)
+        if self.weighted:
+            ok = ok and x.shape[-2] == self.channels
+        if not ok:
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}; expected (..., "
+                f"{self.channels if self.weighted else 'channels'}, {sh_dim(lmax)}) for lmax {lmax}"
+            )
+
+
+class GauntTensorProduct(_SphereProduct):
+    """Gaunt tensor product of (..., C, (L1+1)^2) and (..., C, (L2+1)^2) -> (..., C, (Lout+1)^2).
+
+    Leading dimensions broadcast. `channels` is required with per-degree weights.
+    `backend`: "auto" (default), "grid" or "fft".
+    """
+
+    def __init__(
+        self,
+        lmax_in1: int,
+        lmax_in2: int,
+        lmax_out: int,
+        channels: int | None = None,
+        weights: str | None = "per_degree",
+        backend: str = "auto",
+    ):
+        _check_lmax(lmax_in1=lmax_in1, lmax_in2=lmax_in2, lmax_out=lmax_out)
+        _check_options(channels, weights, backend)
+        pairs = (lmax_in1 + lmax_in2, lmax_in1 + lmax_out, lmax_in2 + lmax_out)
+        super().__init__(lmax_in1 + lmax_in2 + lmax_out, max(pairs), lmax_out, backend)
+        self.lmax_in1, self.lmax_in2, self.channels = lmax_in1, lmax_in2, channels
+        if weights is not None:
+            self.weight1 = nn.Parameter(torch.ones(channels, lmax_in1 + 1))
+            self.weight2 = nn.Parameter(torch.ones(channels, lmax_in2 + 1))
+            self.weight_out = nn.Parameter(torch.ones(channels, lmax_out + 1))
+        self.weighted = weights is not None
+
+    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
+        self._check(x1, self.lmax_in1, "x1")
+        self._check(x2, self.lmax_in2, "x2")
+        if self.weighted:
+            x1 = x1 * self._per_degree(self.weight1, self.lmax_in1)
+            x2 = x2 * self._per_degree(self.weight2, self.lmax_in2)
+        lead = torch.broadcast_shapes(x1.shape[:-1], x2.shape[:-1])
+        x1 = x1.expand(*lead, x1.shape[-1]).reshape(-1, x1.shape[-1])
+        x2 = x2.expand(*lead, x2.shape[-1]).reshape(-1, x2.shape[-1])
+        sampler = self.sampler(x1)
+        out = _Product.apply(x1, x2, sampler, self.lmax_in1, self.lmax_in2, self.lmax_out)
+        return self._output(out, lead)
+
+    def extra_repr(self) -> str:
+        return (
+            f"lmax_in1={self.lmax_in1}, lmax_in2={self.lmax_in2}, lmax_out={self.lmax_out}, "
+            f"channels={self.channels}, weighted={self.weighted}, backend={self.backend!r}"
+        )
+
+
+class GauntSelfProduct(_SphereProduct):
+    """Many-body (MACE-style) self-product of one input: (..., C, (L+1)^2) -> (..., C, (Lout+1)^2).
+
+    With f = sum (w_in x) Y (per-degree input weights), the output is the projection
+    to degree Lout of a polynomial in f evaluated pointwise on the sphere:
+
+        weights=None:          P(f^nu), the nu-fold Gaunt self-product, by repeated squaring
+        weights="per_degree":  w_out[c, l] P(sum_k a[c, k] f^k), k = 1..nu, by Horner's rule
+
+    Both are exact (the grid resolves degree nu L + Lout), equal to nested Gaunt
+    products with untruncated intermediate degrees, and cost one synthesis, at
+    most 2 log2(nu) (resp. nu - 1) pointwise products and one projection.
+    """
+
+    def __init__(
+        self,
+        lmax_in: int,
+        lmax_out: int,
+        correlation: int,
+        channels: int | None = None,
+        weights: str | None = "per_degree",
+        backend: str = "auto",
+    ):
+        _check_lmax(lmax_in=lmax_in, lmax_out=lmax_out)
+        if isinstance(correlation, bool) or not isinstance(correlation, int) or correlation < 1:
+            raise ValueError(f"correlation={correlation!r} must be an integer >= 1")
+        _check_options(channels, weights, backend)
+        product = correlation * lmax_in
+        super().__init__(product + lmax_out, product, lmax_out, backend)
+        self.lmax_in, self.correlation, self.channels = lmax_in, correlation, channels
+        if weights is not None:
+            self.weight_in = nn.Parameter(torch.ones(channels, lmax_in + 1))
+            self.order_weight = nn.Parameter(torch.ones(channels, correlation))
+            self.weight_out = nn.Parameter(torch.ones(channels, lmax_out + 1))
+        self.weighted = weights is not None
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x, self.lmax_in, "x")
+        if self.weighted:
+            x = x * self._per_degree(self.weight_in, self.lmax_in)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        sampler = self.sampler(x)
+        f = sampler.synthesis(x, self.lmax_in)
+        h = self._horner(f) if self.weighted else _power(f, self.correlation)
+        return self._output(sampler.analysis(h, self.lmax_out).T, lead)
+
+    def _horner(self, f: Tensor) -> Tensor:
+        """sum_k a[c, k] f^k = f (a_1 + f (a_2 + ... f a_nu)), channel c fastest in rows."""
+        shape = (f.shape[0], -1, self.channels)
+        f3 = f.view(shape)
+        h = self.order_weight[:, -1].expand_as(f3)
+        for k in range(self.correlation - 2, -1, -1):
+            h = self.order_weight[:, k] + f3 * h
+        return (f3 * h).reshape(f.shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"lmax_in={self.lmax_in}, lmax_out={self.lmax_out}, correlation={self.correlation}, "
+            f"channels={self.channels}, weighted={self.weighted}, backend={self.backend!r}"
+        )
+
+
+def _power(f: Tensor, n: int) -> Tensor:
+    """f^n elementwise by repeated squaring."""
+    result, square = None, f
+    while True:
+        if n & 1:
+            result = square if result is None else result * square
+        n >>= 1
+        if not n:
+            return result
+        square = square * square
