@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from gradlane.errors import ConfigError
 from gradlane.recipe import EvalSums, Task, WorkerContext
 
 from .data import GraphBatch, MDSettings, Structures, collate, load, to_structures
@@ -39,6 +40,12 @@ def statistics(data: Structures) -> tuple[Tensor, float, float]:
 class EquivariantTask(Task):
     def __init__(self, cfg: DictConfig, ctx: WorkerContext):
         m, d = cfg.model, cfg.data
+        if cfg.trainer.engine == "deepspeed" and m.force_weight > 0:
+            raise ConfigError(
+                "trainer.engine=deepspeed cannot train the equivariant recipe's forces: its loss "
+                "differentiates the energy (torch.autograd.grad), which DeepSpeed's engine "
+                "refuses; use trainer.engine=ddp or horovod (or model.force_weight=0)"
+            )
         cache = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
         arrays = load(MDSettings.of(d), cache)
         self.train = to_structures(arrays["train"], m.cutoff)
