@@ -2,14 +2,30 @@
 
 Alimohammadi, Markov, Frantar & Alistarh, "L-GreCo: Layerwise-Adaptive Gradient
 Compression for Efficient and Accurate Deep Learning", MLSys 2024. Every
-`adjust_every` steps, with err[l, c] the compression error of layer l's gradient
-(summed over the last `accumulate` steps, after error feedback) at candidate
+`adjust_every` steps, with err[l, c] the error layer l would carry at candidate
 level c and size[l, c] the bytes it would send, pick one c_l per layer to
 
     minimise  sum_l size[l, c_l]   subject to   sum_l err[l, c_l] <= alpha * sum_l err[l, default]
 
 Errors are discretised into `bins` units of the budget and the knapsack is solved
 by dynamic programming over the used budget, then backtracked.
+
+The error model. What a level costs is the residual error feedback carries at
+it, not the error of one compression: with A the sum of the layer's M = g + e
+over the last `accumulate` steps and omega = err_c(A) / ||A||^2 the relative
+error of one real step of the codec on it (`Compressor.errors`: PowerSGD's one
+power iteration from its warm start, TopK's exact tail, QSGD's expected rounding
+error), a residual in steady state satisfies ||e||^2 = omega (||g||^2 + ||e||^2),
+so
+
+    err[l, c] = G_l omega / (1 - omega),     G_l = sum of ||g_l||^2 over the same steps
+
+(omega capped at 0.999). A level whose one-step error is near the layer's energy
+(2-bit QSGD, omega ~ 1.1 with max-norm scaling) would let the residual grow
+without bound, and the one-step error hides that: it costs the same there as a
+small error elsewhere. sum_l err[l, c_l] / sum_l G_l is the predicted relative
+error, which the hooks' measured `comm/relative_error` (sum ||e'||^2 / sum ||g||^2
+per step) is compared with.
 """
 
 from __future__ import annotations
@@ -20,29 +36,23 @@ from torch import Tensor
 from .base import Compressor, Level, check_positive_int
 from .collective import Collective
 
+OMEGA_MAX = 0.999  # a one-step relative error above this costs as much as 0.999 (999x G)
+
 
 def knapsack(costs: Tensor, weights: Tensor, capacity: int) -> list[int] | None:
     """One choice per row minimising sum costs[l, c_l] with sum weights[l, c_l] <= capacity.
 
-    `weights` are non-negative integers. DP over the exact total weight,
-    O(rows x choices x capacity); None when no choice fits."""
+    `weights` are non-negative integers. DP over the exact total weight, one
+    vectorised update per row, O(rows x choices x capacity); None when no choice fits."""
     rows, choices = costs.shape
-    inf = float("inf")
-    best = torch.full((capacity + 1,), inf, dtype=torch.float64)  # best[w]: min cost at weight w
+    best = torch.full((capacity + 1,), torch.inf, dtype=torch.float64)  # min cost at weight w
     best[0] = 0.0
-    back = torch.zeros(rows, capacity + 1, dtype=torch.int16)
+    back = torch.zeros(rows, capacity + 1, dtype=torch.int64)
+    at = torch.arange(capacity + 1)
     for layer in range(rows):
-        new = torch.full_like(best, inf)
-        for c in range(choices):
-            w = int(weights[layer, c])
-            if w > capacity:
-                continue
-            shifted = torch.full_like(best, inf)
-            shifted[w:] = best[: capacity + 1 - w] + float(costs[layer, c])
-            better = shifted < new
-            new = torch.where(better, shifted, new)
-            back[layer][better] = c
-        best = new
+        src = at - weights[layer].view(-1, 1)  # (choices, capacity + 1): weight before
+        prev = torch.where(src >= 0, best[src.clamp(min=0)], torch.inf)
+        best, back[layer] = (prev + costs[layer].view(-1, 1).double()).min(0)  # first on ties
     cost, w = best.min(0)
     if cost.isinf():
         return None
@@ -103,9 +113,12 @@ class Controller:
             raise ValueError(f"alpha={alpha!r} must be > 0")
         self.alpha = float(alpha)
         self.bins = check_positive_int("bins", bins)
-        levels = [compressor.check(c) for c in candidates or compressor.candidates()]
+        if candidates is None:
+            candidates = compressor.candidates()
+        levels = [compressor.check(c) for c in candidates]
         self.candidates = sorted({*levels, compressor.default})
-        self.accum: dict[str, Tensor] = {}
+        self.accum: dict[str, Tensor] = {}  # sum of M = g + e per layer
+        self.grad_sq: dict[str, Tensor] = {}  # sum of ||g||^2 per layer
         self.decisions = 0
         self.last: dict[str, float] = {}
 
@@ -123,13 +136,14 @@ class Controller:
             )
         return upcoming - step <= self.accumulate
 
-    def observe(self, name: str, m: Tensor) -> None:
-        """Add this step's M = g + e of one layer to its running sum."""
+    def observe(self, name: str, m: Tensor, grad_sq: Tensor, ok: Tensor) -> None:
+        """Add this step's M = g + e of one layer and ||g||^2 to their running sums; `ok`
+        (a bool tensor) false leaves them out (a non-finite gradient)."""
         acc = self.accum.get(name)
-        if acc is None:
-            self.accum[name] = m.to(torch.float32, copy=True)
-        else:
-            self.accum[name] = acc.to(m.device).add_(m)
+        m = torch.where(ok, m, 0.0)
+        self.accum[name] = m if acc is None else acc.to(m.device).add_(m)
+        grad_sq = torch.where(ok, grad_sq.double(), 0.0)
+        self.grad_sq[name] = grad_sq + self.grad_sq.get(name, 0.0)
 
     def decide(
         self,
@@ -140,18 +154,19 @@ class Controller:
     ) -> dict[str, Level]:
         """New levels for every layer, identical on all ranks.
 
-        Each rank measures every candidate's error on its own accumulated
+        Each rank predicts every candidate's residual on its own accumulated
         gradients; the table is summed over ranks, rank 0 solves the knapsack and
         broadcasts the choice. Layers no rank has data for keep their level."""
         names, cands = list(shapes), self.candidates
-        table = torch.zeros(len(names), len(cands) + 1, dtype=torch.float64, device=device)
+        table = torch.zeros(len(names), len(cands) + 2, dtype=torch.float64, device=device)
         for i, name in enumerate(names):
             if name in self.accum:
-                table[i, :-1] = self.compressor.errors(self.accum[name], cands)
+                table[i, : len(cands)] = self._predict(name, cands)
+                table[i, -2] = self.grad_sq[name]
                 table[i, -1] = 1.0
         comm.all_reduce(table)
         table = table.cpu()
-        errors, seen = table[:, :-1], table[:, -1] > 0
+        errors, energy, seen = table[:, : len(cands)], table[:, -2], table[:, -1] > 0
         sizes = torch.tensor(
             [[self.compressor.wire_bytes(shapes[n], c) for c in cands] for n in names],
             dtype=torch.float64,
@@ -166,22 +181,38 @@ class Controller:
         comm.broadcast(shared)
         picks = shared.cpu()
 
-        rows = torch.arange(len(names))
+        rows, total = torch.arange(len(names)), energy.sum().clamp_min(1e-300)
+        chosen, uniform = errors[rows, picks].sum(), errors[rows, default].sum()
         self.last = {
             "bytes_ratio": float(sizes[rows, default].sum() / sizes[rows, picks].sum()),
-            "error_ratio": float(
-                errors[rows, picks].sum() / errors[rows, default].sum().clamp_min(1e-300)
-            ),
+            "error_ratio": float(chosen / uniform.clamp_min(1e-300)),
+            "predicted_error": float(chosen / total),
+            "predicted_uniform_error": float(uniform / total),
         }
         self.decisions += 1
         self.accum.clear()
+        self.grad_sq.clear()
         return {n: cands[int(p)] for n, p in zip(names, picks, strict=True)}
+
+    def _predict(self, name: str, levels: list[Level]) -> Tensor:
+        """G omega / (1 - omega) per level: the steady-state residual (module docstring)."""
+        a = self.accum[name]
+        energy = a.double().square().sum()
+        omega = self.compressor.errors(a, levels, name) / energy.clamp_min(1e-300)
+        omega = omega.clamp(0.0, OMEGA_MAX)
+        return self.grad_sq[name] * omega / (1 - omega)
 
     def state_dict(self) -> dict:
         accum = {n: a.clone() for n, a in self.accum.items()}  # these grow in place
-        return {"accum": accum, "decisions": self.decisions, "last": dict(self.last)}
+        return {
+            "accum": accum,
+            "grad_sq": dict(self.grad_sq),
+            "decisions": self.decisions,
+            "last": dict(self.last),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.accum = dict(state["accum"])
+        self.grad_sq = dict(state["grad_sq"])
         self.decisions = state["decisions"]
         self.last = dict(state["last"])

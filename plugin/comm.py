@@ -78,6 +78,21 @@ def _bf16(model: nn.Module, process_group=None, start_iter: int = 0):
     return CompressionState(model, Cast("bf16"), process_group, start_iter), compression_hook
 
 
+def _uniform(model, process_group, compressor, start_iter: int, seed: int, predict_every: int):
+    """A CompressionState at the compressor's one level; with `predict_every` > 0 a
+    one-candidate controller predicts its error that often (comm/predicted_error)."""
+    from gradlane.compressors import CompressionState, Controller, compression_hook
+
+    if isinstance(predict_every, bool) or not isinstance(predict_every, int) or predict_every < 0:
+        raise ValueError(f"predict_every={predict_every!r} must be an integer >= 0")
+    controller = None
+    if predict_every:
+        accumulate = min(3, predict_every)
+        controller = Controller(compressor, start_iter, predict_every, accumulate, candidates=[])
+    state = CompressionState(model, compressor, process_group, start_iter, seed, controller)
+    return state, compression_hook
+
+
 def _powersgd(
     model: nn.Module,
     process_group=None,
@@ -85,19 +100,26 @@ def _powersgd(
     start_iter: int = 10,
     min_compression_rate: float = 2.0,
     seed: int = 0,
+    predict_every: int = 0,
 ):
     """PowerSGD at one rank for every layer, with error feedback and warm start."""
-    from gradlane.compressors import CompressionState, PowerSGD, compression_hook
+    from gradlane.compressors import PowerSGD
 
     compressor = PowerSGD(rank, min_compression_rate, seed)
-    return CompressionState(model, compressor, process_group, start_iter, seed), compression_hook
+    return _uniform(model, process_group, compressor, start_iter, seed, predict_every)
 
 
-def _topk(model: nn.Module, process_group=None, density: float = 0.01, start_iter: int = 10):
+def _topk(
+    model: nn.Module,
+    process_group=None,
+    density: float = 0.01,
+    start_iter: int = 10,
+    predict_every: int = 0,
+):
     """TopK sparsification at one density, with error feedback (all-gather + scatter-add)."""
-    from gradlane.compressors import CompressionState, TopK, compression_hook
+    from gradlane.compressors import TopK
 
-    return CompressionState(model, TopK(density), process_group, start_iter), compression_hook
+    return _uniform(model, process_group, TopK(density), start_iter, 0, predict_every)
 
 
 def _qsgd(
@@ -107,12 +129,13 @@ def _qsgd(
     bucket_size: int = 128,
     start_iter: int = 10,
     seed: int = 0,
+    predict_every: int = 0,
 ):
     """QSGD at one bit width, bit-packed, with error feedback (all-gather)."""
-    from gradlane.compressors import QSGD, CompressionState, compression_hook
+    from gradlane.compressors import QSGD
 
     compressor = QSGD(bits, bucket_size)
-    return CompressionState(model, compressor, process_group, start_iter, seed), compression_hook
+    return _uniform(model, process_group, compressor, start_iter, seed, predict_every)
 
 
 LGRECO_COMPRESSORS = ("powersgd", "qsgd", "topk")
