@@ -20,7 +20,10 @@ counts and the error metrics stay on the device until `metrics()` asks.
 Loss scaling: set `grad_scaler` to the `torch.amp.GradScaler` that scales the
 loss. Gradients then arrive multiplied by its current scale s; residuals are
 kept unscaled (e / s) and rescaled by the scale of the step that uses them,
-M = g + s e, so a scale change never misweighs them.
+M = g + s e, so a scale change never misweighs them. The scaler skips a step
+whose gradients are not all finite, so such a step's residual updates are all
+undone at its end (without a scaler only the non-finite layer keeps its
+residual: the others' updates are applied).
 
 A call that raises stops the exchange: every later call raises at once, without
 a collective, so no rank goes on out of step with the others (build a new one,
@@ -85,6 +88,7 @@ class GradientExchange:
         self.step = 0
         self._nonfinite_steps: Tensor | int = 0
         self._failed: BaseException | None = None
+        self._step_old: dict[str, Tensor | None] = {}  # with a grad scaler: to undo a step
         self._open = False
         self._stats = StepStats()
         self._last = StepStats()
@@ -166,13 +170,11 @@ class GradientExchange:
         _, keep = outcome(total, comm.world)
         for s, k in zip(slots, keep, strict=True):
             new = s.m if scale is None else s.m.div_(scale)
-            if _may_be_true(k):
-                old = self.errors.get(s.name)
-                if old is None:
-                    new.masked_fill_(k, 0.0)
-                else:
-                    torch.where(k, old, new, out=new)
+            old = self.errors.get(s.name)
+            _keep_where(k, old, new)
             self.errors[s.name] = new
+            if scale is not None:
+                self._step_old.setdefault(s.name, old)
         self._stats.compressed.append(norms.square().sum())
         self._stats.nonfinite.append(total.isinf().any())
 
@@ -181,12 +183,17 @@ class GradientExchange:
         scaler = self.grad_scaler
         if scaler is None or not scaler.is_enabled():
             return None
-        return getattr(scaler, "_scale", None)
+        scale = getattr(scaler, "_scale", None)  # updated in place by scaler.update()
+        return None if scale is None else scale.detach().clone()
 
     def _end_step(self) -> None:
         self._last, self._stats = self._stats, StepStats()
         if self._last.nonfinite:
-            self._nonfinite_steps = self._nonfinite_steps + torch.stack(self._last.nonfinite).any()
+            bad = torch.stack(self._last.nonfinite).any()
+            self._nonfinite_steps = self._nonfinite_steps + bad
+            for name, old in self._step_old.items():  # the scaler skips this step: undo it
+                _keep_where(bad, old, self.errors[name])
+        self._step_old.clear()
         self.step += 1
         self._open = False
 
@@ -284,6 +291,16 @@ class GradientExchange:
         self.compressor.load_state_dict(state["compressor"])
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])
+
+
+def _keep_where(flag: Tensor, old: Tensor | None, new: Tensor) -> None:
+    """new <- old (zero when None) where the bool tensor `flag` is true, in place."""
+    if not _may_be_true(flag):
+        return
+    if old is None:
+        new.masked_fill_(flag, 0.0)
+    else:
+        torch.where(flag, old, new, out=new)
 
 
 def _may_be_true(flag: Tensor) -> bool:

@@ -90,7 +90,7 @@ class CompressionState(GradientExchange):
 
     def _own_collective(self, group: dist.ProcessGroup | None) -> TorchCollective:
         """`group`, else a new group over every rank (a collective call)."""
-        self.process_group = group if group is not None else dist.new_group()
+        self.process_group = group if group is not None else dist.new_group(timeout=_timeout())
         return TorchCollective(self.process_group)
 
 
@@ -119,6 +119,17 @@ class LGrecoState(CompressionState):
             compressor, start_iter, adjust_every, accumulate, alpha, bins, candidates
         )
         super().__init__(model, compressor, process_group, start_iter, seed, controller)
+
+
+def _timeout():
+    """The default group's timeout, for our own group (new_group would use 30 min)."""
+    group = dist.distributed_c10d._get_default_group()
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout
+        except (AttributeError, RuntimeError):  # no backend for that device, or no options
+            continue
+    return None
 
 
 def compression_hook(
