@@ -82,7 +82,9 @@ class GradientExchange:
         self.seed = seed
         self.controller = controller
         self.grad_scaler: Any = None  # a torch.amp.GradScaler, when the loss is scaled
-        self.shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.shapes = {n: p.shape for n, p in params}
+        self.dtypes = {n: p.dtype for n, p in params}
         self.levels: dict[str, Level] = {n: compressor.default for n in self.shapes}
         self.errors: dict[str, Tensor] = {}  # unscaled residual per layer
         self.step = 0
@@ -250,7 +252,18 @@ class GradientExchange:
 
     def compressed_layers(self) -> list[str]:
         """Layers compressed at their current level (1-D tensors are not, for PowerSGD)."""
-        return [n for n, s in self.shapes.items() if self.compressor.compresses(s, self.levels[n])]
+        left = self.uncompressed()
+        return [n for n in self.shapes if n not in left]
+
+    def uncompressed(self) -> dict[str, str]:
+        """Layers sent as they are at their current level, each with the reason."""
+        out = {}
+        for n, shape in self.shapes.items():
+            if self.compressor.passes(self.dtypes[n]):
+                out[n] = f"{self.dtypes[n]} gradients are already 16-bit"
+            elif not self.compressor.compresses(shape, self.levels[n]):
+                out[n] = self.compressor.why_not(shape, self.levels[n])
+        return out
 
     def compressed_share(self) -> float:
         """The fraction of gradient entries that go compressed at the current levels."""

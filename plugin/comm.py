@@ -14,6 +14,7 @@ call its `average(names, grads)` after backward.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +286,29 @@ def build_exchange(model: nn.Module, cfg: Any, collective: Collective) -> Gradie
     _, state, _ = build_comm_state(model, cfg, collective)
     if state is not None and not isinstance(state, GradientExchange):
         raise ConfigError(f"comm.hook={name!r} does not build a gradlane GradientExchange")
+    if state is not None:
+        warn_if_little_compressed(name, state)
     return state
+
+
+MIN_COMPRESSED_SHARE = 0.5  # below this share of the gradient compressed, registration warns
+
+
+def warn_if_little_compressed(name: str, state: GradientExchange) -> str | None:
+    """Warn (and return the text) when the hook leaves most of the gradient uncompressed,
+    naming the largest layers it sends as they are and why."""
+    share = state.compressed_share()
+    if share >= MIN_COMPRESSED_SHARE:
+        return None
+    left = state.uncompressed()
+    big = sorted(left, key=lambda n: -state.shapes[n].numel())
+    shown = "; ".join(f"{n}: {left[n]}" for n in big[:4]) + ("; ..." if len(big) > 4 else "")
+    text = (
+        f"comm.hook={name!r} compresses {share:.0%} of the gradient: {len(left)} of "
+        f"{len(state.shapes)} layers go as they are ({shown})"
+    )
+    warnings.warn(text, stacklevel=2)
+    return text
 
 
 def register_comm_hook(ddp_model: nn.Module, cfg: Any, process_group=None) -> CommHook:
@@ -295,6 +318,8 @@ def register_comm_hook(ddp_model: nn.Module, cfg: Any, process_group=None) -> Co
     name, state, hook = build_comm_state(module, cfg, process_group)
     if hook is not None:
         ddp_model.register_comm_hook(state, hook)
+    if isinstance(state, GradientExchange):
+        warn_if_little_compressed(name, state)
     return CommHook(name, state, module)
 
 
