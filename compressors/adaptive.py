@@ -37,6 +37,7 @@ from .base import Compressor, Level, check_positive_int
 from .collective import Collective
 
 OMEGA_MAX = 0.999  # a one-step relative error above this costs as much as 0.999 (999x G)
+MAX_CALIBRATION = 10.0  # the measured residual rescales the model by at most this factor
 
 
 def knapsack(costs: Tensor, weights: Tensor, capacity: int) -> list[int] | None:
@@ -117,8 +118,9 @@ class Controller:
             candidates = compressor.candidates()
         levels = [compressor.check(c) for c in candidates]
         self.candidates = sorted({*levels, compressor.default})
-        self.accum: dict[str, Tensor] = {}  # sum of M = g + e per layer
-        self.grad_sq: dict[str, Tensor] = {}  # sum of ||g||^2 per layer
+        # over the measured steps, per layer: sums of omega (per candidate), ||g||^2, ||e||^2
+        # and of the steps counted (seen, residual_seen)
+        self.sums: dict[str, dict[str, Tensor]] = {}
         self.decisions = 0
         self.last: dict[str, float] = {}
 
@@ -136,14 +138,20 @@ class Controller:
             )
         return upcoming - step <= self.accumulate
 
-    def observe(self, name: str, m: Tensor, grad_sq: Tensor, ok: Tensor) -> None:
-        """Add this step's M = g + e of one layer and ||g||^2 to their running sums; `ok`
-        (a bool tensor) false leaves them out (a non-finite gradient)."""
-        acc = self.accum.get(name)
-        m = torch.where(ok, m, 0.0)
-        self.accum[name] = m if acc is None else acc.to(m.device).add_(m)
-        grad_sq = torch.where(ok, grad_sq.double(), 0.0)
-        self.grad_sq[name] = grad_sq + self.grad_sq.get(name, 0.0)
+    def observe(
+        self, name: str, m: Tensor, grad_sq: Tensor, residual_sq: Tensor | None, ok: Tensor
+    ) -> None:
+        """Measure this step's one-step relative error omega of every candidate on the
+        layer's M = g + e and add it, ||g||^2 and ||e||^2 (None: no residual yet) to the
+        layer's sums; `ok` (a bool tensor) false leaves the step out (not finite)."""
+        energy = m.double().square().sum()
+        omega = self.compressor.errors(m, self.candidates, name) / energy.clamp_min(1e-300)
+        add = {"omega": omega, "grad_sq": grad_sq.double(), "seen": torch.ones_like(energy)}
+        if residual_sq is not None:
+            add |= {"residual_sq": residual_sq.double(), "residual_seen": torch.ones_like(energy)}
+        for key, value in add.items():
+            sums = self.sums.setdefault(key, {})
+            sums[name] = torch.where(ok, value, 0.0) + sums.get(name, 0.0)
 
     def decide(
         self,
@@ -159,11 +167,13 @@ class Controller:
         broadcasts the choice. Layers no rank has data for keep their level."""
         names, cands = list(shapes), self.candidates
         table = torch.zeros(len(names), len(cands) + 2, dtype=torch.float64, device=device)
+        seen = self.sums.get("seen", {})
         for i, name in enumerate(names):
-            if name in self.accum:
-                table[i, : len(cands)] = self._predict(name, cands)
-                table[i, -2] = self.grad_sq[name]
-                table[i, -1] = 1.0
+            if name in seen:
+                current = cands.index(levels[name]) if levels[name] in cands else None
+                table[i, : len(cands)] = self._predict(name, current)
+                table[i, -2] = self.sums["grad_sq"][name]
+                table[i, -1] = seen[name]
         comm.all_reduce(table)
         table = table.cpu()
         errors, energy, seen = table[:, : len(cands)], table[:, -2], table[:, -1] > 0
@@ -190,29 +200,29 @@ class Controller:
             "predicted_uniform_error": float(uniform / total),
         }
         self.decisions += 1
-        self.accum.clear()
-        self.grad_sq.clear()
+        self.sums.clear()
         return {n: cands[int(p)] for n, p in zip(names, picks, strict=True)}
 
-    def _predict(self, name: str, levels: list[Level]) -> Tensor:
-        """G omega / (1 - omega) per level: the steady-state residual (module docstring)."""
-        a = self.accum[name]
-        energy = a.double().square().sum()
-        omega = self.compressor.errors(a, levels, name) / energy.clamp_min(1e-300)
-        omega = omega.clamp(0.0, OMEGA_MAX)
-        return self.grad_sq[name] * omega / (1 - omega)
+    def _predict(self, name: str, current: int | None) -> Tensor:
+        """The steady-state residual per candidate (module docstring): G omega / (1 - omega)
+        with omega averaged over the measured steps, scaled so that at the `current`
+        level (an index) it equals the residual measured there, when there was one."""
+        sums = self.sums
+        omega = (sums["omega"][name] / sums["seen"][name].clamp_min(1)).clamp(0.0, OMEGA_MAX)
+        model = sums["grad_sq"][name] * omega / (1 - omega)
+        residual_seen = sums.get("residual_seen", {}).get(name)
+        if current is None or residual_seen is None:
+            return model
+        full = residual_seen == sums["seen"][name]  # every measured step had a residual
+        factor = sums["residual_sq"][name] / model[current].clamp_min(1e-300)
+        factor = torch.where(full & (model[current] > 0), factor, 1.0)
+        return model * factor.clamp(1 / MAX_CALIBRATION, MAX_CALIBRATION)
 
     def state_dict(self) -> dict:
-        accum = {n: a.clone() for n, a in self.accum.items()}  # these grow in place
-        return {
-            "accum": accum,
-            "grad_sq": dict(self.grad_sq),
-            "decisions": self.decisions,
-            "last": dict(self.last),
-        }
+        sums = {k: dict(v) for k, v in self.sums.items()}
+        return {"sums": sums, "decisions": self.decisions, "last": dict(self.last)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.accum = dict(state["accum"])
-        self.grad_sq = dict(state["grad_sq"])
+        self.sums = {k: dict(v) for k, v in state["sums"].items()}
         self.decisions = state["decisions"]
         self.last = dict(state["last"])

@@ -213,7 +213,10 @@ class GradientExchange:
         ok = norms.isfinite()
         grad_sq = norms.square() if scale is None else (norms / scale).square()
         for i, (name, m) in enumerate(zip(names, tensors, strict=True)):
-            self.controller.observe(name, m if scale is None else m / scale, grad_sq[i], ok[i])
+            e = self.errors.get(name)
+            residual_sq = None if e is None else e.double().square().sum()
+            m = m if scale is None else m / scale
+            self.controller.observe(name, m, grad_sq[i], residual_sq, ok[i])
 
     @property
     def nonfinite_steps(self) -> int:
@@ -223,8 +226,9 @@ class GradientExchange:
     def metrics(self) -> dict[str, float]:
         """The last step's bytes and measured error; the controller's latest prediction.
 
-        comm/relative_error is sum ||e'||^2 / sum ||g||^2 over the compressed layers:
-        what error feedback still owes after the step against the step's gradient."""
+        comm/relative_error is comm/residual_sq / comm/grad_sq, sum ||e'||^2 / sum ||g||^2
+        over the compressed layers: what error feedback still owes after the step against
+        the step's gradient (unscaled). Over a run, compare sums of the two."""
         last, world = self._last, self.collective.world if self.collective else 1
         out = {
             "comm/bytes_per_step": float(last.payload),
@@ -242,8 +246,9 @@ class GradientExchange:
             if last.scale is not None:
                 energy = energy / last.scale.square().sum()
             residual = torch.stack(torch._foreach_norm(list(self.errors.values()))).square().sum()
+            out["comm/residual_sq"], out["comm/grad_sq"] = float(residual), float(energy)
             if energy > 0:
-                out["comm/relative_error"] = float(residual / energy)
+                out["comm/relative_error"] = out["comm/residual_sq"] / out["comm/grad_sq"]
         if self.controller is not None:
             levels = {f"comm/level/{n}": float(self.levels[n]) for n in self.compressed_layers()}
             out |= levels | {"comm/decisions": float(self.controller.decisions)}
