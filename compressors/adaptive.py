@@ -11,21 +11,23 @@ Errors are discretised into `bins` units of the budget and the knapsack is solve
 by dynamic programming over the used budget, then backtracked.
 
 The error model. What a level costs is the residual error feedback carries at
-it, not the error of one compression: with A the sum of the layer's M = g + e
-over the last `accumulate` steps and omega = err_c(A) / ||A||^2 the relative
-error of one real step of the codec on it (`Compressor.errors`: PowerSGD's one
-power iteration from its warm start, TopK's exact tail, QSGD's expected rounding
-error), a residual in steady state satisfies ||e||^2 = omega (||g||^2 + ||e||^2),
-so
+it, not the error of one compression. On each of the last `accumulate` steps,
+every candidate's one-step relative error omega = err_c(M) / ||M||^2 is
+measured on the layer's M = g + e (`Compressor.errors`: PowerSGD's real power
+iteration from its warm start, TopK's exact tail, QSGD's expected rounding
+error) and averaged. (Summing M over steps first, as L-GreCo's accumulation
+does, inflates the residual's share: it repeats from step to step while the
+gradient's noise does not.) A residual in steady state satisfies
+||e||^2 = omega (||g||^2 + ||e||^2), so
 
-    err[l, c] = G_l omega / (1 - omega),     G_l = sum of ||g_l||^2 over the same steps
+    err[l, c] = k_l G_l omega / (1 - omega),   G_l = sum of ||g_l||^2 over those steps
 
-(omega capped at 0.999). A level whose one-step error is near the layer's energy
-(2-bit QSGD, omega ~ 1.1 with max-norm scaling) would let the residual grow
-without bound, and the one-step error hides that: it costs the same there as a
-small error elsewhere. sum_l err[l, c_l] / sum_l G_l is the predicted relative
-error, which the hooks' measured `comm/relative_error` (sum ||e'||^2 / sum ||g||^2
-per step) is compared with.
+with omega capped at 0.999 (2-bit QSGD's max-norm rounding has omega ~ 1: its
+residual grows without bound, which the one-step error hides), and k_l the
+calibration that makes err[l, current level] the residual ||e||^2 measured on
+the same steps (within 1/10..10x). sum_l err[l, c_l] / sum_l G_l is the
+predicted relative error, next to which the hooks report the measured one
+(`comm/residual_sq` / `comm/grad_sq`).
 """
 
 from __future__ import annotations

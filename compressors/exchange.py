@@ -126,19 +126,18 @@ class GradientExchange:
             self._stats.scale = self._loss_scale()
             self._begin_step(grads[0].device)
         before = (comm.payload, comm.sent, comm.received)
-        norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # one fused pass
         if self.step < self.start_iter:
-            self._observe(names, grads, norms)
+            self._observe(names, grads, torch.stack(norms))
             plain_mean(comm, grads, buffer)
         else:
             passing = [self.compressor.passes(g.dtype) for g in grads]
             if any(passing):
                 plain_mean(comm, [g for g, p in zip(grads, passing, strict=True) if p], buffer)
             rest = [i for i, p in enumerate(passing) if not p]
-            if len(rest) == len(grads):
-                self._compress(names, grads, norms)
-            elif rest:
-                self._compress([names[i] for i in rest], [grads[i] for i in rest], norms[rest])
+            if rest:
+                pick = [names[i] for i in rest], [grads[i] for i in rest], [norms[i] for i in rest]
+                self._compress(*pick)
         self._stats.payload += comm.payload - before[0]
         self._stats.sent += comm.sent - before[1]
         self._stats.received += comm.received - before[2]
@@ -146,7 +145,7 @@ class GradientExchange:
         if last:
             self._end_step()
 
-    def _compress(self, names: list[str], grads: list[Tensor], norms: Tensor) -> None:
+    def _compress(self, names: list[str], grads: list[Tensor], norms: list[Tensor]) -> None:
         comm, scale = self.collective, self._stats.scale
         order = sorted(
             range(len(names)), key=lambda i: (repr(self.levels[names[i]]), grads[i].shape)
@@ -166,7 +165,7 @@ class GradientExchange:
                 torch.addcmul(g, e, scale, out=m)
             seed = stable_seed(self.seed, comm.rank, self.step, name)
             slots.append(Slot(name, g, m, self.levels[name], seed))
-        norms = norms[order]
+        norms = torch.stack([norms[i] for i in order])  # no index tensor: nothing to copy
         self._observe([s.name for s in slots], [s.m for s in slots], norms)
         total = self.compressor.exchange(slots, comm, health(norms))
         _, keep = outcome(total, comm.world)
