@@ -132,8 +132,9 @@ class GradientExchange:
             plain_mean(comm, grads, buffer)
         else:
             passing = [self.compressor.passes(g.dtype) for g in grads]
-            if any(passing):
-                plain_mean(comm, [g for g, p in zip(grads, passing, strict=True) if p], buffer)
+            if any(passing):  # the buffer goes whole only when every gradient in it passes
+                whole = buffer if all(passing) else None
+                plain_mean(comm, [g for g, p in zip(grads, passing, strict=True) if p], whole)
             rest = [i for i, p in enumerate(passing) if not p]
             if rest:
                 pick = [names[i] for i in rest], [grads[i] for i in rest], [norms[i] for i in rest]

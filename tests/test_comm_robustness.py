@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from mp_utils import run_ranks
+from test_comm_hook import LOSSLESS
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -24,20 +25,6 @@ from gradlane.comm import register_comm_hook
 from gradlane.compressors import Cast, GradientExchange, PowerSGD, TorchCollective
 from gradlane.compressors.lane import Lane
 
-LOSSLESS = {
-    "powersgd": {"hook": "powersgd", "rank": 64, "min_compression_rate": 0.0, "start_iter": 0},
-    "topk": {"hook": "topk", "density": 1.0, "start_iter": 0},
-    "qsgd": {"hook": "qsgd", "bits": 32, "start_iter": 0},
-    "lgreco": {
-        "hook": "lgreco",
-        "compressor": "qsgd",
-        "candidates": "32",
-        "bits": 32,
-        "start_iter": 1,
-        "adjust_every": 2,
-        "accumulate": 1,
-    },
-}
 LOSSY = {
     "powersgd": {"hook": "powersgd", "rank": 1, "start_iter": 1},
     "topk": {"hook": "topk", "density": 0.1, "start_iter": 1},
