@@ -6,7 +6,7 @@ of `bucket_size` entries; with s = 2^(b-1) - 1 levels and the bucket's scale
 c = max_i |v_i| (the paper's max-norm variant, which keeps error feedback bounded:
 |e_i| <= c / s),
 
-    x_i = s |v_i| / c,  l_i = floor(x_i) + Bernoulli(x_i - floor(x_i)),  v^_i = sign(v_i) l_i c / s
+    x_i = s |v_i| / c,  l_i = floor(x_i + u_i), u_i ~ U[0, 1),  v^_i = sign(v_i) l_i c / s
 
 so E[v^] = v. The code l_i sign(v_i) + s lies in [0, 2s] and takes b bits; codes
 are packed b bits per entry next to one fp32 scale per bucket, so n entries cost
@@ -67,14 +67,14 @@ def _buckets(v: Tensor, bucket_size: int) -> Tensor:
 
 
 def quantize(v: Tensor, bits: int, bucket_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """(fp32 scale per bucket, uint8 code per entry) of fp32 rows `v` (..., n)."""
+    """(fp32 scale per bucket, uint8 code per entry) of fp32 rows `v` (..., n). Stochastic
+    rounding as floor(x + u), u ~ U[0, 1): x rounds up with probability x - floor(x)."""
     s = 2 ** (bits - 1) - 1
     b = _buckets(v, bucket_size)
     scales = b.abs().amax(-1)
-    x = (b.abs() / scales.clamp_min(torch.finfo(v.dtype).tiny).unsqueeze(-1) * s).clamp_(max=s)
-    low = x.floor()
-    levels = low + (torch.rand(x.shape, generator=gen, device=x.device) < x - low)
-    codes = (torch.sign(b) * levels + s).to(torch.uint8)
+    x = b.abs().mul_((s / scales.clamp_min(torch.finfo(v.dtype).tiny)).unsqueeze(-1))
+    x.clamp_(max=s).add_(torch.rand(x.shape, generator=gen, device=x.device)).floor_()
+    codes = torch.copysign(x, b).add_(s).to(torch.uint8)
     return scales, codes.flatten(-2)[..., : v.shape[-1]]
 
 
