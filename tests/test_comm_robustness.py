@@ -305,3 +305,30 @@ def test_grad_scaler_fp16_sums_and_16_bit_gradients():
         assert got["half"][0] == got["half"][1] == 4 * 4 * 2 + 4 * 2  # dense fp16 bytes
         assert got["half_errors"] == 0
         assert got["half_grad"] == [3.0]  # the mean of 2 x 1 and 2 x 2
+
+
+def _bytes(rank, world):
+    """Per hook: (payload, sent, received, traffic ratio, dense) of the second step."""
+    out = {}
+    for name in ("powersgd", "topk", "qsgd", "fp16"):
+        torch.manual_seed(0)
+        model = Chain()
+        ddp = DDP(model, bucket_cap_mb=0.001)
+        state = register_comm_hook(ddp, LOSSY[name]).state
+        for step in range(2):
+            _loss(ddp, _batch(rank, step)).backward()
+        m = state.metrics()
+        keys = ("bytes", "sent_bytes", "received_bytes", "traffic_ratio", "dense_bytes")
+        out[name] = [m[f"comm/{k}" + ("" if k == "traffic_ratio" else "_per_step")] for k in keys]
+    return out
+
+
+def test_bytes_sent_and_received_follow_the_ring_model_at_four_ranks():
+    """All-reduce: 2(W-1)/W of the payload each way; all-gather: W-1 payloads each way."""
+    w = 4
+    for got in run_ranks(_bytes, w):
+        for name, (payload, sent, received, ratio, dense) in got.items():
+            per_byte = (w - 1) if name in ("topk", "qsgd") else 2 * (w - 1) / w
+            assert sent == received == pytest.approx(per_byte * payload), name
+            assert ratio == pytest.approx(2 * (w - 1) / w * dense / sent), name
+        assert got["topk"][3] < got["powersgd"][3]  # all-gather pays for every extra rank
