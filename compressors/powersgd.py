@@ -25,7 +25,7 @@ from .base import Compressor, Level, Slot, batches, check_positive_int, outcome,
 from .collective import Collective
 
 GRAM_SCHMIDT_MAX_RANK = 2  # beyond this, one QR call beats the column loop
-COLD_ITERATIONS = 2  # subspace iterations standing in for a warm start (error estimates)
+REFINE_ITERATIONS = 2  # subspace iterations standing in for the steps that warm Q up
 
 
 def matrix_shape(shape: torch.Size) -> tuple[int, int]:
@@ -92,9 +92,11 @@ class PowerSGD(Compressor):
         step would run it, at every rank at once: with Q_R the first R = max(levels)
         columns (the warm ones, then fresh), P^ = orthogonalize(A Q_R) and B = P^T A,
         the rank-r output keeps sum_{i<r} ||B_i||^2 (P^'s first r columns span A Q_r),
-        so err(r) = ||A||^2 - sum_{i<r} ||B_i||^2. A layer not yet compressed has no
-        warm start: COLD_ITERATIONS subspace iterations stand in for the steps that
-        warm it up. 0 where the tensor goes uncompressed."""
+        so err(r) = ||A||^2 - sum_{i<r} ||B_i||^2. Columns beyond the current rank are
+        fresh (and a layer not yet compressed has no warm start at all), so
+        REFINE_ITERATIONS subspace iterations first stand in for the steps that warm
+        them up: every candidate is judged as it would run once warm, not the larger
+        ranks on random columns. 0 where the tensor goes uncompressed."""
         out = torch.zeros(len(levels), dtype=torch.float64, device=a.device)
         n, m = matrix_shape(a.shape)
         ranks = {lv: min(lv, n, m) for lv in levels if self.compresses(a.shape, lv)}
@@ -102,7 +104,7 @@ class PowerSGD(Compressor):
             return out
         mat = a.reshape(n, m).float()
         q = self._warm_q(name, m, max(ranks.values()), a.device)
-        for _ in range(0 if name in self.q else COLD_ITERATIONS):
+        for _ in range(REFINE_ITERATIONS):
             p = mat @ q
             orthogonalize(p)
             q = mat.t() @ p
