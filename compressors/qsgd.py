@@ -72,7 +72,8 @@ def quantize(v: Tensor, bits: int, bucket_size: int, gen: torch.Generator) -> tu
     s = 2 ** (bits - 1) - 1
     b = _buckets(v, bucket_size)
     scales = b.abs().amax(-1)
-    x = b.abs().mul_((s / scales.clamp_min(torch.finfo(v.dtype).tiny)).unsqueeze(-1))
+    inverse = torch.where(scales > 0, s / scales, 0.0)  # an all-zero bucket stays 0, no NaN
+    x = b.abs().mul_(inverse.unsqueeze(-1))
     x.clamp_(max=s).add_(torch.rand(x.shape, generator=gen, device=x.device)).floor_()
     codes = torch.copysign(x, b).add_(s).to(torch.uint8)
     return scales, codes.flatten(-2)[..., : v.shape[-1]]
