@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import threading
+from datetime import timedelta
 
 import pytest
 import torch
@@ -193,7 +194,10 @@ def _failing(rank, world):
     model = Chain()
     ddp = DDP(model, bucket_cap_mb=0.001)
     compressor = Failing(rank)
-    compressor.state = state = CompressionState(model, compressor)
+    # the peer's exchange times out on the hook's group (5 s) well before the final
+    # barrier on the default group (30 s) gives up on the rank that failed first
+    group = dist.new_group(timeout=timedelta(seconds=5))
+    compressor.state = state = CompressionState(model, compressor, group)
     ddp.register_comm_hook(state, compression_hook)
     report = {"raised": None, "then": None}
     for step in range(4):
@@ -211,7 +215,7 @@ def _failing(rank, world):
 
 
 def test_a_failing_job_surfaces_in_backward_and_stops_every_rank():
-    r0, r1 = run_ranks(_failing, 2, timeout_s=20)
+    r0, r1 = run_ranks(_failing, 2, timeout_s=30)
     step, message = r1["raised"]
     assert step == 2 and "injected failure" in message, r1  # where it happened, in backward
     assert r0["raised"] is not None and r0["raised"][0] == 2, r0  # the peer stopped too
