@@ -1,18 +1,26 @@
-"""Comm hooks side by side on the lm recipe's GPT at 2 DDP ranks (gloo, 127.0.0.1).
+"""Comm hooks side by side on the lm recipe's GPT at W DDP ranks (gloo, 127.0.0.1).
 
-    flock /tmp/gradlane-bench.lock .venv/bin/python benchmarks/comm.py   # full run
-    .venv/bin/python benchmarks/comm.py --quick                          # smoke run
+    /work/bin/cpu-run bench .venv/bin/python benchmarks/comm.py         # full run, as root
+    .venv/bin/python benchmarks/comm.py --quick                         # smoke run
+    python benchmarks/comm.py --worlds 2,4 --links loopback --tag scaling ...  # bytes vs W
+
+(The GPU measurement, world size 1 over NCCL, is `benchmarks/comm_gpu.py`.)
 
 Every configuration trains the same model from the same seed on the same data:
 compute only (each rank alone, no synchronisation), plain DDP, torch's PowerSGD
 and fp16 hooks (the anchors), our uniform PowerSGD / TopK / QSGD / fp16 and our
-L-GreCo variants. On plain loopback each runs `--steps` steps and reports the
-per-step time, the bytes per step, the compression error and the validation
-loss; then, as root, each runs `--timed-steps` steps inside a private network
-namespace whose loopback is rate-limited by `tc tbf` (1 Gbit/s, 100 Mbit/s) for
-the per-step time there (both ranks share that one link). Step times are means
-over the steps after the `--start-iter` warm-up (plain all-reduce) steps.
-Writes `comm.json` and `comm.md` (the table, the targets and this command).
+L-GreCo variants. Each link runs every configuration for its steps: `loopback`
+(`--steps`, then the validation loss) and rate-limited links (`--timed-steps`).
+As root every link is the loopback of a private network namespace, `tc tbf`
+rate-limited except `loopback`, so its byte counter holds our ranks' traffic
+alone: the bytes each rank really sent per step (TCP/IP headers included) are
+measured there beside the ring model's figure (`collective.py`). Step times are
+means over the steps after the `--start-iter` warm-up steps, next to the mean
+time of unsynchronised steps in the same run. Errors: measured, the residual
+error feedback carries over the gradient's energy, sum_t ||e'||^2 / sum_t ||g||^2
+over the steps after warm-up; predicted, the L-GreCo error model's figure at the
+last decision (uniform hooks get a one-candidate controller for it).
+Writes comm<tag>.json and comm<tag>.md (tables, targets, the command).
 """
 
 from __future__ import annotations
@@ -39,9 +47,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 RESULTS = Path(__file__).resolve().parent / "results"
-LINKS = {"1gbit": "1gbit", "100mbit": "100mbit"}  # name -> tc tbf rate
-
-
+RATES = {"loopback": None, "1gbit": "1gbit", "100mbit": "100mbit"}  # link -> tc tbf rate
+TX_BYTES = Path("/sys/class/net/lo/statistics/tx_bytes")
 ONE_BUCKET_MB = 1024.0  # a bucket cap larger than the model: DDP makes one bucket
 
 
@@ -57,7 +64,8 @@ def configs(args: argparse.Namespace) -> dict[str, dict]:
         "accumulate": args.accumulate,
         "alpha": args.alpha,
     }
-    ours_psgd = {"hook": "powersgd", "rank": rank, "start_iter": start}
+    uniform = {"start_iter": start, "predict_every": args.adjust_every}
+    ours_psgd = {"hook": "powersgd", "rank": rank} | uniform
     torch_psgd = {"hook": "torch_powersgd", "rank": rank, "start_iter": start}
     one_bucket = {"bucket_cap_mb": ONE_BUCKET_MB, "loopback_only": True}
     return {
@@ -68,10 +76,8 @@ def configs(args: argparse.Namespace) -> dict[str, dict]:
         "torch fp16": {"comm": {"hook": "torch_fp16"}},
         f"PowerSGD r{rank}": {"comm": ours_psgd},
         f"PowerSGD r{rank} (one bucket)": {"comm": ours_psgd} | one_bucket,
-        f"TopK {args.density:g}": {
-            "comm": {"hook": "topk", "density": args.density, "start_iter": start}
-        },
-        f"QSGD {args.bits} bit": {"comm": {"hook": "qsgd", "bits": args.bits, "start_iter": start}},
+        f"TopK {args.density:g}": {"comm": {"hook": "topk", "density": args.density} | uniform},
+        f"QSGD {args.bits} bit": {"comm": {"hook": "qsgd", "bits": args.bits} | uniform},
         "fp16": {"comm": {"hook": "fp16"}},
         f"L-GreCo PowerSGD (r{rank})": {"comm": lgreco | {"compressor": "powersgd", "rank": rank}},
         f"L-GreCo TopK ({args.density:g})": {
@@ -97,14 +103,16 @@ def configs(args: argparse.Namespace) -> dict[str, dict]:
 def _rank(rank: int, spec: dict, outdir: str) -> None:
     torch.set_num_threads(spec["threads"])
     # what torchrun would set: DeepSpeed reads them, Horovod's rendezvous runs at MASTER_ADDR
-    os.environ.update(MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(spec["world"])
+    )
     cfg = spec["comm"]
     if cfg is not None:
         dist.init_process_group(
             "gloo",
             init_method=f"tcp://127.0.0.1:{spec['port']}",
             rank=rank,
-            world_size=2,
+            world_size=spec["world"],
             timeout=timedelta(seconds=spec["timeout_s"]),
         )
     try:
@@ -119,7 +127,6 @@ def _rank(rank: int, spec: dict, outdir: str) -> None:
 def _train(rank: int, spec: dict, cfg: dict | None) -> dict:
     import gradlane
     from gradlane.comm import dense_bytes
-    from gradlane.compressors import PowerSGD
     from gradlane.recipes.lm.data import eval_batches, load_corpus, random_batch
     from gradlane.recipes.lm.model import GPT
 
@@ -127,13 +134,15 @@ def _train(rank: int, spec: dict, cfg: dict | None) -> dict:
     model = GPT(**spec["model"])
     corpus = load_corpus(spec["max_bytes"])
     gen = torch.Generator().manual_seed(1000 + rank)
-    net, hook = model, None
+    net, hook, state = model, None, None
     if spec["engine"] != "ddp":
         hook, train_step = _engine(spec, model, cfg)
+        state = hook.exchange
     else:
         if cfg is not None:
             net = DDP(model, bucket_cap_mb=spec["bucket_cap_mb"])
             hook = gradlane.register_comm_hook(net, cfg)
+            state = hook.state
         opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
         warm = spec["warmup"]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
@@ -147,31 +156,33 @@ def _train(rank: int, spec: dict, cfg: dict | None) -> dict:
             return loss
 
     length = spec["model"]["context"] + 1
-    times, sent, errors = [], [], []
+    times, records = [], []
+    tx_start = None
     for step in range(spec["steps"]):
+        if step == spec["start_iter"] and cfg is not None and spec["own_loopback"]:
+            dist.barrier()
+            tx_start = _tx_bytes()
         batch = random_batch(corpus.train, spec["batch"], length, gen)
         t0 = time.perf_counter()
         loss = train_step(batch)
         elapsed = time.perf_counter() - t0
         if step >= spec["start_iter"]:
             times.append(elapsed)
-            metrics = hook.metrics() if hook is not None else {}
-            if "comm/bytes_per_step" in metrics:
-                sent.append(metrics["comm/bytes_per_step"])
-            if "comm/relative_error" in metrics:
-                errors.append(metrics["comm/relative_error"])
+            records.append(hook.metrics() if hook is not None else {})
 
     result = {"step_times_s": times}
     if cfg is None:
         return result
-    if not sent:  # torch's hooks report nothing: their payload, computed
-        shapes = [p.shape for p in model.parameters()]
-        if cfg["hook"] == "torch_fp16":
-            sent = [dense_bytes(model) / 2]
-        elif cfg["hook"] == "torch_powersgd":
-            psgd = PowerSGD(cfg["rank"])
-            sent = [sum(psgd.wire_bytes(s, cfg["rank"]) for s in shapes)]
-        result["bytes_computed"] = True
+    timed = len(times)
+    if tx_start is not None and timed:  # inside our namespace: its loopback is ours alone
+        dist.barrier()
+        result["measured_sent_per_rank"] = (_tx_bytes() - tx_start) / spec["world"] / timed
+    result |= _bytes(records, cfg, model, spec["world"])
+    result |= _errors(records)
+    if getattr(state, "controller", None) is not None:
+        result["predicted"] = state.controller.last
+        result["decisions"] = state.controller.decisions
+        result["levels"] = {n: state.levels[n] for n in state.compressed_layers()}
     model.eval()
     with torch.no_grad():
         val = [
@@ -179,21 +190,11 @@ def _train(rank: int, spec: dict, cfg: dict | None) -> dict:
             for b in eval_batches(corpus.val, spec["batch"], length, spec["eval_batches"])
         ]
     result |= {
-        "bytes_per_step": sum(sent) / len(sent),
         "dense_bytes_per_step": dense_bytes(model),
         "val_loss": sum(val) / len(val),
         "final_train_loss": float(loss.detach()),
+        "compute_step_time_s": _compute_only(model, corpus, spec, gen),
     }
-    if errors:
-        result["relative_error"] = sum(errors) / len(errors)
-    state = hook.exchange if spec["engine"] != "ddp" else hook.state
-    if getattr(state, "controller", None) is not None:
-        result["lgreco"] = {
-            "decisions": state.controller.decisions,
-            "predicted": state.controller.last,
-            "levels": {n: state.levels[n] for n in state.compressed_layers()},
-        }
-    result["compute_step_time_s"] = _compute_only(model, corpus, spec, gen)
     return result
 
 
@@ -240,9 +241,43 @@ def _engine(spec: dict, model, comm: dict):
     return engine, train_step
 
 
+def _bytes(records: list[dict], cfg: dict, model, world: int) -> dict:
+    """Payload, modelled link bytes per rank and step; computed for torch's hooks."""
+    from gradlane.comm import dense_bytes
+    from gradlane.compressors import PowerSGD
+
+    def mean(key):
+        values = [r[key] for r in records if key in r]
+        return sum(values) / len(values) if values else None
+
+    payload, sent = mean("comm/bytes_per_step"), mean("comm/sent_bytes_per_step")
+    if sent is not None:
+        return {"bytes_per_step": payload, "sent_per_rank": sent}
+    # torch's hooks and plain DDP count nothing: their payload, computed (all all-reduces)
+    if cfg["hook"] == "torch_fp16":
+        payload = dense_bytes(model) / 2
+    elif cfg["hook"] == "torch_powersgd":
+        psgd = PowerSGD(cfg["rank"])
+        payload = sum(psgd.wire_bytes(p.shape, cfg["rank"]) for p in model.parameters())
+    else:
+        payload = dense_bytes(model)
+    sent = 2 * (world - 1) / world * payload
+    return {"bytes_per_step": payload, "sent_per_rank": sent, "bytes_computed": True}
+
+
+def _errors(records: list[dict]) -> dict:
+    residual = sum(r.get("comm/residual_sq", 0.0) for r in records)
+    energy = sum(r.get("comm/grad_sq", 0.0) for r in records)
+    return {"measured_error": residual / energy} if energy > 0 else {}
+
+
+def _tx_bytes() -> int:
+    return int(TX_BYTES.read_text())
+
+
 def _compute_only(model, corpus, spec: dict, gen: torch.Generator) -> float:
     """Mean step time of a local copy trained without synchronisation, in this same run
-    (both ranks at once, so under the same load as the synchronised steps)."""
+    (all ranks at once, so under the same load as the synchronised steps)."""
     from gradlane.recipes.lm.data import random_batch
 
     local = copy.deepcopy(model).train()
@@ -262,10 +297,11 @@ def _compute_only(model, corpus, spec: dict, gen: torch.Generator) -> float:
 # ---------------------------------------------------------------- driver
 
 
-def run_one(label: str, entry: dict, args: argparse.Namespace, steps: int) -> dict:
+def run_one(label: str, entry: dict, args: argparse.Namespace, steps: int, world: int) -> dict:
     cfg = entry["comm"]
     spec = {
         "comm": cfg,
+        "world": world,
         "steps": steps,
         "start_iter": args.start_iter,
         "model": {
@@ -281,15 +317,16 @@ def run_one(label: str, entry: dict, args: argparse.Namespace, steps: int) -> di
         "eval_batches": args.eval_batches,
         "compute_steps": args.compute_steps,
         "bucket_cap_mb": entry.get("bucket_cap_mb", args.bucket_cap_mb),
-        "engine": entry.get("engine", "ddp"),
         "threads": args.threads,
         "port": _free_port(),
         "timeout_s": args.timeout_s,
+        "own_loopback": bool(args.child),  # in a namespace of our own
+        "engine": entry.get("engine", "ddp"),
     }
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            mp.spawn(_rank, args=(spec, tmp), nprocs=2, join=True)
+            mp.spawn(_rank, args=(spec, tmp), nprocs=world, join=True)
             result = json.loads(Path(tmp, "result.json").read_text())
         except Exception as exc:  # a hook that crashes is a result too
             result = {"failed": f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1]}"}
@@ -297,24 +334,36 @@ def run_one(label: str, entry: dict, args: argparse.Namespace, steps: int) -> di
     if times:
         result["step_time_s"] = sum(times) / len(times)
         result["step_time_median_s"] = sorted(times)[len(times) // 2]
-    result |= {"config": label, "steps": steps, "wall_s": time.time() - t0}
+    result |= {"config": label, "steps": steps, "world": world, "wall_s": time.time() - t0}
     result |= {"comm": cfg, "bucket_cap_mb": spec["bucket_cap_mb"]}
     brief = {k: result[k] for k in ("step_time_s", "bytes_per_step", "val_loss") if k in result}
-    print(f"  {label:28s} {json.dumps(brief)} {result.get('failed', '')}", flush=True)
+    print(f"  {label:32s} {json.dumps(brief)} {result.get('failed', '')}", flush=True)
     return result
 
 
-def _in_netns(link: str, args: argparse.Namespace) -> list[dict]:
+def run_link(link: str, world: int, labels: dict, args: argparse.Namespace) -> list[dict]:
+    steps = args.steps if link == "loopback" else args.timed_steps
+    print(f"[{link}, {world} ranks] {steps} steps per configuration", flush=True)
+    return [
+        run_one(label, entry, args, steps, world)
+        for label, entry in labels.items()
+        if link == "loopback" or not entry.get("loopback_only")
+    ]
+
+
+def _in_netns(link: str, world: int) -> list[dict]:
+    """This script run for one link inside a fresh network namespace (as root)."""
     ns = f"gl_bw_{os.getpid()}"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "runs.json")
         _sh("ip", "netns", "add", ns)
         try:
             _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
-                "rate", LINKS[link], "burst", "512kb", "latency", "20ms")  # fmt: skip
+            if RATES[link]:
+                _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root", "tbf",
+                    "rate", RATES[link], "burst", "512kb", "latency", "20ms")  # fmt: skip
             cmd = ["ip", "netns", "exec", ns, sys.executable, str(Path(__file__).resolve())]
-            cmd += [*sys.argv[1:], "--child-link", link, "--child-out", str(out)]
+            cmd += [*sys.argv[1:], "--child", f"{link}:{world}:{out}"]
             subprocess.run(cmd, check=True)
         finally:
             _sh("ip", "netns", "del", ns)
@@ -332,7 +381,7 @@ def _free_port() -> int:
 
 
 def netns_available() -> str | None:
-    """None when rate-limited links can be measured here, else why not."""
+    """None when network namespaces can be made here, else why not."""
     if os.geteuid() != 0:
         return "not root"
     missing = [tool for tool in ("ip", "tc") if shutil.which(tool) is None]
@@ -344,44 +393,46 @@ def netns_available() -> str | None:
 
 def targets(report: dict) -> list[dict]:
     """The issue's targets, each with the measured numbers and met / missed."""
-    out, runs, rank = [], report["runs"], report["meta"]["rank"]
-    loop = runs.get("loopback", {})
-    uni, lg = loop.get(f"PowerSGD r{rank}", {}), loop.get(f"L-GreCo PowerSGD (r{rank})", {})
-    if "bytes_per_step" in uni and "lgreco" in lg:
-        ratio = uni["bytes_per_step"] / lg["bytes_per_step"]
-        predicted = lg["lgreco"]["predicted"]
-        out.append(
-            {
-                "target": f"L-GreCo PowerSGD sends >= 1.5x fewer bytes than uniform PowerSGD "
-                f"r{rank}, total compression error no higher",
-                "measured": f"{ratio:.2f}x fewer bytes over the run; total error (the "
-                f"knapsack's measure, both on the same gradients) {predicted['error_ratio']:.3f}x "
-                f"the uniform's at the last decision, which predicted "
-                f"{predicted['bytes_ratio']:.2f}x fewer bytes; error feedback residual over the "
-                f"run (different trajectories) {lg['relative_error']:.3f} vs "
-                f"{uni['relative_error']:.3f} of ||g + e||^2",
-                "met": bool(ratio >= 1.5 and predicted["error_ratio"] <= 1.0 + 1e-9),
-            }
-        )
-    slow = runs.get("100mbit", {})
-    plain = slow.get("plain DDP", {})
-    lg_slow = slow.get(f"L-GreCo PowerSGD (r{rank})", {})
-    alone = slow.get("compute only", {})
-    if all("step_time_s" in r for r in (plain, lg_slow, alone)) and "val_loss" in lg:
-        speedup = plain["step_time_s"] / lg_slow["step_time_s"]
+    out, rank = [], report["meta"]["rank"]
+    runs = report["runs"]
+    loop, slow = runs.get("loopback", {}), runs.get("100mbit", {})
+    uni, lg = f"PowerSGD r{rank}", f"L-GreCo PowerSGD (r{rank})"
+    if all("step_time_s" in slow.get(k, {}) for k in (uni, lg)):
+        lg_slow, uni_slow = slow[lg], slow[uni]
         overhead = lg_slow["step_time_s"] / lg_slow["compute_step_time_s"]
-        loss_gap = lg["val_loss"] / loop["plain DDP"]["val_loss"] - 1
+        vs_uniform = lg_slow["step_time_s"] / uni_slow["step_time_s"]
         out.append(
             {
-                "target": "at 100 Mbit/s L-GreCo PowerSGD steps >= 4x faster than plain DDP, "
-                "<= 1.15x compute only (same run, unsynchronised), validation loss within 2% "
-                "of plain DDP (loopback run)",
-                "measured": f"{speedup:.2f}x faster; {overhead:.2f}x compute only "
-                f"({lg_slow['step_time_s'] / alone['step_time_s']:.2f}x the compute-only run); "
-                f"validation loss {100 * loss_gap:+.2f}%",
-                "met": bool(speedup >= 4 and overhead <= 1.15 and abs(loss_gap) <= 0.02),
+                "target": "at 100 Mbit/s L-GreCo PowerSGD steps <= 1.05x compute only (same "
+                "run, unsynchronised) and no slower than uniform PowerSGD",
+                "measured": f"{overhead:.3f}x compute only; {vs_uniform:.3f}x uniform's step "
+                f"time ({lg_slow['bytes_per_step'] / uni_slow['bytes_per_step']:.2f}x its bytes)",
+                "met": bool(overhead <= 1.05 and vs_uniform <= 1.0),
             }
         )
+    if "val_loss" in loop.get(lg, {}) and "val_loss" in loop.get("plain DDP", {}):
+        gap = loop[lg]["val_loss"] / loop["plain DDP"]["val_loss"] - 1
+        out.append(
+            {
+                "target": "L-GreCo PowerSGD validation loss within 1% of plain DDP (loopback)",
+                "measured": f"{100 * gap:+.2f}%",
+                "met": bool(abs(gap) <= 0.01),
+            }
+        )
+    alpha = report["meta"]["alpha"]
+    for family, uniform in _families(report["configs"]).items():
+        a, b = loop.get(family, {}), loop.get(uniform, {})
+        if "measured_error" in a and "measured_error" in b:
+            ratio = a["measured_error"] / b["measured_error"]
+            pred = a.get("predicted", {}).get("error_ratio")
+            out.append(
+                {
+                    "target": f"{family}: measured error <= alpha ({alpha:g}) x {uniform}'s",
+                    "measured": f"{ratio:.3f}x (predicted {pred:.3f}x at the last decision); "
+                    f"{b['bytes_per_step'] / a['bytes_per_step']:.2f}x fewer bytes",
+                    "met": bool(ratio <= alpha),
+                }
+            )
     for suffix in ("", " (one bucket)"):
         ours = loop.get(f"PowerSGD r{rank}{suffix}", {})
         theirs = loop.get(f"torch PowerSGD r{rank}{suffix}", {})
@@ -398,53 +449,96 @@ def targets(report: dict) -> list[dict]:
     return out
 
 
-def markdown(report: dict) -> str:
-    links = [link for link in ("loopback", "1gbit", "100mbit") if link in report["runs"]]
-    head = ["configuration", "bytes/step", "ratio", "rel. error", "val loss"]
+def _families(labels: list[str]) -> dict[str, str]:
+    """L-GreCo label -> its uniform label ("L-GreCo TopK (0.01)" -> "TopK 0.01")."""
+    out = {}
+    for label in labels:
+        if label.startswith("L-GreCo "):
+            name, level = label.removeprefix("L-GreCo ").split(" (", 1)
+            out[label] = f"{name} {level.rstrip(')')}"
+    return out
+
+
+def _kb(x: float | None, mark: str = "") -> str:
+    return "-" if x is None else f"{x / 1e3:,.1f} kB{mark}"
+
+
+def main_table(report: dict) -> list[str]:
+    links = [link for link in RATES if link in report["runs"]]
+    head = ["configuration", "handed/step", "sent/rank (ring model)", "sent/rank (measured)",
+            "vs all-reduce", "measured error", "predicted error", "val loss"]  # fmt: skip
     head += [f"step s ({link})" for link in links]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     loop = report["runs"].get("loopback", {})
+    world = report["meta"]["world"]
+    plain_sent = loop.get("plain DDP", {}).get("sent_per_rank")
     for label in report["configs"]:
         r = loop.get(label, {})
-        dense = r.get("dense_bytes_per_step")
-        row = [label]
-        if "bytes_per_step" in r:
-            mark = "*" if r.get("bytes_computed") else ""
-            row += [
-                f"{r['bytes_per_step'] / 1e3:,.1f} kB{mark}",
-                f"{dense / r['bytes_per_step']:.1f}x",
-            ]
-        else:
-            row += ["-", "-"]
-        row.append(f"{r['relative_error']:.3f}" if "relative_error" in r else "-")
+        mark = "*" if r.get("bytes_computed") else ""
+        row = [label, _kb(r.get("bytes_per_step"), mark), _kb(r.get("sent_per_rank"), mark or "†")]
+        row.append(_kb(r.get("measured_sent_per_rank")))
+        ratio = plain_sent / r["sent_per_rank"] if plain_sent and r.get("sent_per_rank") else None
+        row.append(f"{ratio:.1f}x" if ratio and world > 1 else "-")
+        row.append(f"{r['measured_error']:.3f}" if "measured_error" in r else "-")
+        pred = r.get("predicted", {}).get("predicted_error")
+        row.append(f"{pred:.3f}‡" if pred is not None else "-")
         row.append(f"{r['val_loss']:.4f}" if "val_loss" in r else "-")
-        for link in links:
-            x = report["runs"][link].get(label, {})
-            row.append(_time_cell(x))
+        row += [_time_cell(report["runs"][link].get(label, {})) for link in links]
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def scaling_table(report: dict) -> list[str]:
+    """Per configuration and world size: modelled and measured bytes per rank."""
+    worlds = report["meta"]["worlds"]
+    head = ["configuration"]
+    for w in worlds:
+        head += [f"W={w} sent/rank (model)", f"W={w} measured", f"W={w} vs all-reduce"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label in report["configs"]:
+        row = [label]
+        for w in worlds:
+            runs = report["runs"].get(_link_key("loopback", w, worlds), {})
+            r, plain = runs.get(label, {}), runs.get("plain DDP", {}).get("sent_per_rank")
+            mark = "*" if r.get("bytes_computed") else "†"
+            row += [_kb(r.get("sent_per_rank"), mark), _kb(r.get("measured_sent_per_rank"))]
+            sent = r.get("sent_per_rank")
+            row.append(f"{plain / sent:.1f}x" if plain and sent else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def markdown(report: dict) -> str:
     meta = report["meta"]
+    scaling = len(meta["worlds"]) > 1
     text = [
         "# Comm hooks: side by side",
         "",
         f"`{meta['command']}`",
         "",
-        "(run as root, under `flock /tmp/gradlane-bench.lock`; the script creates and removes "
-        "the rate-limited network namespaces itself)",
+        "(as root: the script makes and removes its network namespaces itself)",
         "",
-        f"{meta['model']} at 2 DDP ranks (gloo, 127.0.0.1), batch {meta['batch']} x "
-        f"{meta['context']} bytes per rank, {meta['threads']} thread(s) per rank, "
-        f"bucket_cap_mb={meta['bucket_cap_mb']}, AdamW lr {meta['lr']}; {meta['machine']}. "
-        f"Loopback: {meta['steps']} steps (validation loss after them); rate-limited links: "
-        f"{meta['timed_steps']} steps. Step time: mean over the steps after the "
-        f"{meta['start_iter']} warm-up steps; in brackets, its ratio to the mean time of "
-        f"{meta['compute_steps']} unsynchronised steps timed right after, in the same run. "
-        "Bytes: what one rank hands to the collectives per step after warm-up (measured by "
-        "the hook; * computed for torch's hooks). Rel. error: "
-        "mean over steps of sum ||e'||^2 / sum ||g + e||^2 (error feedback residual).",
-        "",
-        *lines,
+        f"{meta['model']} at {', '.join(map(str, meta['worlds']))} DDP ranks (gloo, "
+        f"127.0.0.1), batch {meta['batch']} x {meta['context']} bytes per rank, "
+        f"{meta['threads']} thread(s) per rank, bucket_cap_mb={meta['bucket_cap_mb']}, AdamW "
+        f"lr {meta['lr']}; {meta['machine']}. Loopback: {meta['steps']} steps (validation "
+        f"loss after them); rate-limited links: {meta['timed_steps']} steps. Step time: mean "
+        f"over the steps after the {meta['start_iter']} warm-up steps; in brackets, its ratio "
+        f"to the mean time of {meta['compute_steps']} unsynchronised steps timed right after, "
+        "in the same run. Handed: the bytes one rank hands to the collectives per step "
+        "(measured by the hook; * computed for torch's hooks and plain DDP). Sent/rank: the "
+        "bytes each rank puts on the wire per step, † computed from the collectives' sizes "
+        "by the ring model (all-reduce 2(W-1)/W, all-gather W-1 payloads), and measured: "
+        "the namespace loopback's byte counter over the timed steps / W (TCP/IP headers "
+        "included; '-' where not root). vs all-reduce: plain DDP's sent/rank over this "
+        "one's. Measured error: sum ||e'||^2 / sum ||g||^2 over the steps after warm-up; "
+        "‡ predicted (computed): the error model's figure at the last decision.",
         "",
     ]
+    if scaling:
+        text += ["## Bytes per rank as the world grows", "", *scaling_table(report), ""]
+    else:
+        text += main_table(report) + [""]
     crashed = [
         f"- crashed: {label} on {link}: {r['failed']}"
         for link, runs in report["runs"].items()
@@ -453,16 +547,16 @@ def markdown(report: dict) -> str:
     ]
     text += [*crashed, ""] if crashed else []
     if report.get("skipped"):
-        text += [f"Rate-limited links skipped: {report['skipped']}.", ""]
-    text += ["## Targets", ""]
-    for t in report["targets"]:
-        status = {True: "met", False: "missed", None: "not comparable"}[t["met"]]
-        text.append(f"- **{status}**: {t['target']}: {t['measured']}")
+        text += [f"Links skipped: {report['skipped']}.", ""]
+    if report["targets"]:
+        text += ["## Targets", ""]
+        for t in report["targets"]:
+            status = {True: "met", False: "missed", None: "not comparable"}[t["met"]]
+            text.append(f"- **{status}**: {t['target']}: {t['measured']}")
     lg = report["runs"].get("loopback", {}).get(f"L-GreCo PowerSGD (r{meta['rank']})", {})
-    if "lgreco" in lg:
-        levels = lg["lgreco"]["levels"]
+    if "levels" in lg:
         text += ["", "L-GreCo PowerSGD ranks at the end of the loopback run:", ""]
-        text.append(", ".join(f"`{n}` {v}" for n, v in levels.items()))
+        text.append(", ".join(f"`{n}` {v}" for n, v in lg["levels"].items()))
     return "\n".join(text) + "\n"
 
 
@@ -475,13 +569,19 @@ def _time_cell(run: dict) -> str:
     return f"{run['step_time_s']:.3f} ({run['step_time_s'] / run['compute_step_time_s']:.2f}x)"
 
 
+def _link_key(link: str, world: int, worlds: list[int]) -> str:
+    return link if len(worlds) == 1 else f"{link} W={world}"
+
+
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke run")
     p.add_argument("--steps", type=int, default=100, help="steps per configuration on loopback")
     p.add_argument("--timed-steps", type=int, default=20, help="steps on rate-limited links")
-    p.add_argument("--links", default="loopback,1gbit,100mbit")
+    p.add_argument("--links", default="loopback,100mbit", help="of: " + ", ".join(RATES))
+    p.add_argument("--worlds", default="2", help="comma-separated world sizes (ranks)")
     p.add_argument("--only", default="", help="comma-separated configuration labels to run")
+    p.add_argument("--tag", default="", help="results go to comm_<tag>.json / .md")
     p.add_argument("--start-iter", type=int, default=5, help="plain all-reduce warm-up steps")
     p.add_argument(
         "--rank", type=int, default=16, help="PowerSGD rank (uniform and L-GreCo default)"
@@ -507,9 +607,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank")
     p.add_argument("--timeout-s", type=float, default=300.0)
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results")
-    p.add_argument("--render", type=Path, help="only rewrite the table from this comm.json")
-    p.add_argument("--child-link", default="", help=argparse.SUPPRESS)
-    p.add_argument("--child-out", default="", help=argparse.SUPPRESS)
+    p.add_argument("--render", type=Path, help="only rewrite the tables from this JSON")
+    p.add_argument("--child", default="", help=argparse.SUPPRESS)  # link:world:out (netns)
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.timed_steps, args.start_iter = 12, 8, 3
@@ -518,42 +617,40 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.batch, args.max_bytes, args.eval_batches = 8, 300_000, 2
     if args.out is None:  # a smoke run never overwrites the real results
         args.out = Path(tempfile.gettempdir(), "gradlane-comm-quick") if args.quick else RESULTS
+    args.worlds = [int(w) for w in args.worlds.split(",")]
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    name = f"comm_{args.tag}" if args.tag else "comm"
     if args.render:  # tables and targets again from a finished run's JSON
-        write(json.loads(args.render.read_text()), args.out)
+        write(json.loads(args.render.read_text()), args.out, name)
         return
     labels = configs(args)
     if args.only:
         keep = [s.strip() for s in args.only.split(",")]
         labels = {k: v for k, v in labels.items() if k in keep}
-    if args.child_link:  # inside the namespace: run, hand the results back, done
-        print(f"[{args.child_link}] {args.timed_steps} steps per configuration", flush=True)
-        runs = [
-            run_one(label, entry, args, args.timed_steps)
-            for label, entry in labels.items()
-            if not entry.get("loopback_only")
-        ]
-        Path(args.child_out).write_text(json.dumps(runs))
+    if args.child:  # inside a namespace: run one link, hand the results back, done
+        link, world, out = args.child.split(":", 2)
+        Path(out).write_text(json.dumps(run_link(link, int(world), labels, args)))
         return
 
     report = {"configs": list(labels), "runs": {}, "skipped": ""}
     links = [s.strip() for s in args.links.split(",") if s.strip()]
     why = netns_available()
-    for link in links:
-        if link != "loopback" and why:
-            report["skipped"] = f"{', '.join(lk for lk in links if lk != 'loopback')} ({why})"
-            print(f"[{link}] skipped: {why}", flush=True)
-            continue
-        if link == "loopback":
-            print(f"[loopback] {args.steps} steps per configuration", flush=True)
-            runs = [run_one(label, entry, args, args.steps) for label, entry in labels.items()]
-        else:
-            runs = _in_netns(link, args)
-        report["runs"][link] = {r["config"]: r for r in runs}
+    for world in args.worlds:
+        for link in links:
+            key = _link_key(link, world, args.worlds)
+            if why is None:
+                runs = _in_netns(link, world)
+            elif link == "loopback":  # the host's loopback: no byte counter of our own
+                runs = run_link(link, world, labels, args)
+            else:
+                report["skipped"] = f"{', '.join(lk for lk in links if lk != 'loopback')} ({why})"
+                print(f"[{link}] skipped: {why}", flush=True)
+                continue
+            report["runs"][key] = {r["config"]: r for r in runs}
 
     from gradlane.recipes.lm.model import GPT
 
@@ -564,29 +661,41 @@ def main(argv: list[str] | None = None) -> None:
         "command": "python " + shlex.join(["benchmarks/comm.py", *(argv or sys.argv[1:])]),
         "model": f"GPT n_layer={args.n_layer} d_model={args.d_model} n_head={args.n_head} "
         f"({n_params / 1e6:.2f}M parameters)",
+        "worlds": args.worlds,
+        "world": args.worlds[0],
         "context": args.context,
         "batch": args.batch,
         "steps": args.steps,
         "timed_steps": args.timed_steps,
         "start_iter": args.start_iter,
         "rank": args.rank,
+        "alpha": args.alpha,
         "lr": args.lr,
         "threads": args.threads,
         "compute_steps": args.compute_steps,
         "bucket_cap_mb": args.bucket_cap_mb,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}",
+        "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    write(report, args.out)
+    write(report, args.out, name)
 
 
-def write(report: dict, out: Path) -> None:
-    """Targets, comm.json and comm.md (the table) under `out`."""
-    report["targets"] = targets(report)
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(
+            line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line
+        )
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def write(report: dict, out: Path, name: str) -> None:
+    """Targets, <name>.json and <name>.md (the tables) under `out`."""
+    report["targets"] = targets(report) if len(report["meta"]["worlds"]) == 1 else []
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comm.json").write_text(json.dumps(report, indent=1))
-    (out / "comm.md").write_text(markdown(report))
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    (out / f"{name}.md").write_text(markdown(report))
     print(markdown(report))
 
 

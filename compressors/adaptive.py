@@ -2,14 +2,32 @@
 
 Alimohammadi, Markov, Frantar & Alistarh, "L-GreCo: Layerwise-Adaptive Gradient
 Compression for Efficient and Accurate Deep Learning", MLSys 2024. Every
-`adjust_every` steps, with err[l, c] the compression error of layer l's gradient
-(summed over the last `accumulate` steps, after error feedback) at candidate
+`adjust_every` steps, with err[l, c] the error layer l would carry at candidate
 level c and size[l, c] the bytes it would send, pick one c_l per layer to
 
     minimise  sum_l size[l, c_l]   subject to   sum_l err[l, c_l] <= alpha * sum_l err[l, default]
 
 Errors are discretised into `bins` units of the budget and the knapsack is solved
 by dynamic programming over the used budget, then backtracked.
+
+The error model. What a level costs is the residual error feedback carries at
+it, not the error of one compression. On each of the last `accumulate` steps,
+every candidate's one-step relative error omega = err_c(M) / ||M||^2 is
+measured on the layer's M = g + e (`Compressor.errors`: PowerSGD's real power
+iteration from its warm start, TopK's exact tail, QSGD's expected rounding
+error) and averaged. (Summing M over steps first, as L-GreCo's accumulation
+does, inflates the residual's share: it repeats from step to step while the
+gradient's noise does not.) A residual in steady state satisfies
+||e||^2 = omega (||g||^2 + ||e||^2), so
+
+    err[l, c] = k_l G_l omega / (1 - omega),   G_l = sum of ||g_l||^2 over those steps
+
+with omega capped at 0.999 (2-bit QSGD's max-norm rounding has omega ~ 1: its
+residual grows without bound, which the one-step error hides), and k_l the
+calibration that makes err[l, current level] the residual ||e||^2 measured on
+the same steps (within 1/10..10x). sum_l err[l, c_l] / sum_l G_l is the
+predicted relative error, next to which the hooks report the measured one
+(`comm/residual_sq` / `comm/grad_sq`).
 """
 
 from __future__ import annotations
@@ -20,29 +38,24 @@ from torch import Tensor
 from .base import Compressor, Level, check_positive_int
 from .collective import Collective
 
+OMEGA_MAX = 0.999  # a one-step relative error above this costs as much as 0.999 (999x G)
+MAX_CALIBRATION = 10.0  # the measured residual rescales the model by at most this factor
+
 
 def knapsack(costs: Tensor, weights: Tensor, capacity: int) -> list[int] | None:
     """One choice per row minimising sum costs[l, c_l] with sum weights[l, c_l] <= capacity.
 
-    `weights` are non-negative integers. DP over the exact total weight,
-    O(rows x choices x capacity); None when no choice fits."""
+    `weights` are non-negative integers. DP over the exact total weight, one
+    vectorised update per row, O(rows x choices x capacity); None when no choice fits."""
     rows, choices = costs.shape
-    inf = float("inf")
-    best = torch.full((capacity + 1,), inf, dtype=torch.float64)  # best[w]: min cost at weight w
+    best = torch.full((capacity + 1,), torch.inf, dtype=torch.float64)  # min cost at weight w
     best[0] = 0.0
-    back = torch.zeros(rows, capacity + 1, dtype=torch.int16)
+    back = torch.zeros(rows, capacity + 1, dtype=torch.int64)
+    at = torch.arange(capacity + 1)
     for layer in range(rows):
-        new = torch.full_like(best, inf)
-        for c in range(choices):
-            w = int(weights[layer, c])
-            if w > capacity:
-                continue
-            shifted = torch.full_like(best, inf)
-            shifted[w:] = best[: capacity + 1 - w] + float(costs[layer, c])
-            better = shifted < new
-            new = torch.where(better, shifted, new)
-            back[layer][better] = c
-        best = new
+        src = at - weights[layer].view(-1, 1)  # (choices, capacity + 1): weight before
+        prev = torch.where(src >= 0, best[src.clamp(min=0)], torch.inf)
+        best, back[layer] = (prev + costs[layer].view(-1, 1).double()).min(0)  # first on ties
     cost, w = best.min(0)
     if cost.isinf():
         return None
@@ -103,9 +116,13 @@ class Controller:
             raise ValueError(f"alpha={alpha!r} must be > 0")
         self.alpha = float(alpha)
         self.bins = check_positive_int("bins", bins)
-        levels = [compressor.check(c) for c in candidates or compressor.candidates()]
+        if candidates is None:
+            candidates = compressor.candidates()
+        levels = [compressor.check(c) for c in candidates]
         self.candidates = sorted({*levels, compressor.default})
-        self.accum: dict[str, Tensor] = {}
+        # over the measured steps, per layer: sums of omega (per candidate), ||g||^2, ||e||^2
+        # and of the steps counted (seen, residual_seen)
+        self.sums: dict[str, dict[str, Tensor]] = {}
         self.decisions = 0
         self.last: dict[str, float] = {}
 
@@ -123,13 +140,20 @@ class Controller:
             )
         return upcoming - step <= self.accumulate
 
-    def observe(self, name: str, m: Tensor) -> None:
-        """Add this step's M = g + e of one layer to its running sum."""
-        acc = self.accum.get(name)
-        if acc is None:
-            self.accum[name] = m.to(torch.float32, copy=True)
-        else:
-            self.accum[name] = acc.to(m.device).add_(m)
+    def observe(
+        self, name: str, m: Tensor, grad_sq: Tensor, residual_sq: Tensor | None, ok: Tensor
+    ) -> None:
+        """Measure this step's one-step relative error omega of every candidate on the
+        layer's M = g + e and add it, ||g||^2 and ||e||^2 (None: no residual yet) to the
+        layer's sums; `ok` (a bool tensor) false leaves the step out (not finite)."""
+        energy = m.double().square().sum()
+        omega = self.compressor.errors(m, self.candidates, name) / energy.clamp_min(1e-300)
+        add = {"omega": omega, "grad_sq": grad_sq.double(), "seen": torch.ones_like(energy)}
+        if residual_sq is not None:
+            add |= {"residual_sq": residual_sq.double(), "residual_seen": torch.ones_like(energy)}
+        for key, value in add.items():
+            sums = self.sums.setdefault(key, {})
+            sums[name] = torch.where(ok, value, 0.0) + sums.get(name, 0.0)
 
     def decide(
         self,
@@ -140,18 +164,21 @@ class Controller:
     ) -> dict[str, Level]:
         """New levels for every layer, identical on all ranks.
 
-        Each rank measures every candidate's error on its own accumulated
+        Each rank predicts every candidate's residual on its own accumulated
         gradients; the table is summed over ranks, rank 0 solves the knapsack and
         broadcasts the choice. Layers no rank has data for keep their level."""
         names, cands = list(shapes), self.candidates
-        table = torch.zeros(len(names), len(cands) + 1, dtype=torch.float64, device=device)
+        table = torch.zeros(len(names), len(cands) + 2, dtype=torch.float64, device=device)
+        seen = self.sums.get("seen", {})
         for i, name in enumerate(names):
-            if name in self.accum:
-                table[i, :-1] = self.compressor.errors(self.accum[name], cands)
-                table[i, -1] = 1.0
+            if name in seen:
+                current = cands.index(levels[name]) if levels[name] in cands else None
+                table[i, : len(cands)] = self._predict(name, current)
+                table[i, -2] = self.sums["grad_sq"][name]
+                table[i, -1] = seen[name]
         comm.all_reduce(table)
         table = table.cpu()
-        errors, seen = table[:, :-1], table[:, -1] > 0
+        errors, energy, seen = table[:, : len(cands)], table[:, -2], table[:, -1] > 0
         sizes = torch.tensor(
             [[self.compressor.wire_bytes(shapes[n], c) for c in cands] for n in names],
             dtype=torch.float64,
@@ -166,22 +193,38 @@ class Controller:
         comm.broadcast(shared)
         picks = shared.cpu()
 
-        rows = torch.arange(len(names))
+        rows, total = torch.arange(len(names)), energy.sum().clamp_min(1e-300)
+        chosen, uniform = errors[rows, picks].sum(), errors[rows, default].sum()
         self.last = {
             "bytes_ratio": float(sizes[rows, default].sum() / sizes[rows, picks].sum()),
-            "error_ratio": float(
-                errors[rows, picks].sum() / errors[rows, default].sum().clamp_min(1e-300)
-            ),
+            "error_ratio": float(chosen / uniform.clamp_min(1e-300)),
+            "predicted_error": float(chosen / total),
+            "predicted_uniform_error": float(uniform / total),
         }
         self.decisions += 1
-        self.accum.clear()
+        self.sums.clear()
         return {n: cands[int(p)] for n, p in zip(names, picks, strict=True)}
 
+    def _predict(self, name: str, current: int | None) -> Tensor:
+        """The steady-state residual per candidate (module docstring): G omega / (1 - omega)
+        with omega averaged over the measured steps, scaled so that at the `current`
+        level (an index) it equals the residual measured there, when there was one."""
+        sums = self.sums
+        omega = (sums["omega"][name] / sums["seen"][name].clamp_min(1)).clamp(0.0, OMEGA_MAX)
+        model = sums["grad_sq"][name] * omega / (1 - omega)
+        residual_seen = sums.get("residual_seen", {}).get(name)
+        if current is None or residual_seen is None:
+            return model
+        full = residual_seen == sums["seen"][name]  # every measured step had a residual
+        factor = sums["residual_sq"][name] / model[current].clamp_min(1e-300)
+        factor = torch.where(full & (model[current] > 0), factor, 1.0)
+        return model * factor.clamp(1 / MAX_CALIBRATION, MAX_CALIBRATION)
+
     def state_dict(self) -> dict:
-        accum = {n: a.clone() for n, a in self.accum.items()}  # these grow in place
-        return {"accum": accum, "decisions": self.decisions, "last": dict(self.last)}
+        sums = {k: dict(v) for k, v in self.sums.items()}
+        return {"sums": sums, "decisions": self.decisions, "last": dict(self.last)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.accum = dict(state["accum"])
+        self.sums = {k: dict(v) for k, v in state["sums"].items()}
         self.decisions = state["decisions"]
         self.last = dict(state["last"])

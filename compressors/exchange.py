@@ -8,19 +8,34 @@
 may be split over several calls (the DDP hook makes one per bucket); the call
 with `last=True` ends it. The first `start_iter` steps are plain all-reduces.
 Everything (error feedback, warm starts, levels) is keyed by parameter name,
-so it survives bucket rebuilds, unused parameters and checkpoints. A call
-whose gradients are not finite on any rank falls back to a plain all-reduce
-for that step and leaves the error feedback untouched.
+so it survives bucket rebuilds, unused parameters and checkpoints.
 
-The DDP comm hook (`gradlane.compressors.hook`) is this class run per bucket on
-a comm thread; DeepSpeed and Horovod call `average` after backward with their
-own `Collective`. With a `Controller`, L-GreCo re-chooses each layer's level
-at the start of the steps it is due.
+Per call: one fused pass takes every gradient's norm (health flags, see
+`base.py`, and the metrics' denominator); M = g + e goes into one fp32 buffer
+ordered by (level, shape), so same-shape layers lie back to back and the
+codecs batch them; the codec exchanges; each residual is stored, or the old one
+kept where `base.outcome` says so. Nothing reads a GPU value on the way: flags,
+counts and the error metrics stay on the device until `metrics()` asks.
+
+Loss scaling: set `grad_scaler` to the `torch.amp.GradScaler` that scales the
+loss. Gradients then arrive multiplied by its current scale s; residuals are
+kept unscaled (e / s) and rescaled by the scale of the step that uses them,
+M = g + s e, so a scale change never misweighs them. The scaler skips a step
+whose gradients are not all finite, so such a step's residual updates are all
+undone at its end (without a scaler only the non-finite layer keeps its
+residual: the others' updates are applied).
+
+A call that raises stops the exchange: every later call raises at once, without
+a collective, so no rank goes on out of step with the others (build a new one,
+or load a checkpoint into it). The DDP comm hook (`hook.py`) runs this per
+bucket on a comm thread; DeepSpeed and Horovod call `average` after backward
+with their own `Collective`. With a `Controller`, L-GreCo re-chooses each
+layer's level at the start of the steps it is due.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .adaptive import Controller
-from .base import Compressor, Level, Slot, stable_seed
+from .base import Compressor, Level, Slot, health, outcome, stable_seed
 from .collective import Collective, plain_mean
 
 
@@ -38,9 +53,9 @@ class StepStats:
     sent: float = 0.0  # bytes on this rank's links (ring model, see collective.py)
     received: float = 0.0
     dense: int = 0  # bytes a plain all-reduce of the same gradients hands over
-    nonfinite: bool = False
-    residual: Tensor | float = 0.0  # sum ||e'||^2 over compressed layers
-    energy: Tensor | float = 0.0  # sum ||M||^2 over the same layers
+    compressed: list[Tensor] = field(default_factory=list)  # sum ||g||^2 per call, compressed
+    nonfinite: list[Tensor] = field(default_factory=list)  # any layer poisoned, per call
+    scale: Tensor | None = None  # the loss scale of the step
 
 
 class GradientExchange:
@@ -66,11 +81,16 @@ class GradientExchange:
         self.start_iter = start_iter
         self.seed = seed
         self.controller = controller
-        self.shapes = {n: p.shape for n, p in model.named_parameters() if p.requires_grad}
+        self.grad_scaler: Any = None  # a torch.amp.GradScaler, when the loss is scaled
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.shapes = {n: p.shape for n, p in params}
+        self.dtypes = {n: p.dtype for n, p in params}
         self.levels: dict[str, Level] = {n: compressor.default for n in self.shapes}
-        self.errors: dict[str, Tensor] = {}
+        self.errors: dict[str, Tensor] = {}  # unscaled residual per layer
         self.step = 0
-        self.nonfinite_steps = 0
+        self._nonfinite_steps: Tensor | int = 0
+        self._failed: BaseException | None = None
+        self._step_old: dict[str, Tensor | None] = {}  # with a grad scaler: to undo a step
         self._open = False
         self._stats = StepStats()
         self._last = StepStats()
@@ -83,17 +103,42 @@ class GradientExchange:
         `buffer`, when given, is one tensor all `grads` are views of (a DDP bucket):
         plain all-reduces then send it in one piece. The call with `last=True` ends
         the step; every rank must make the same calls in the same order."""
+        self.check_alive()
+        try:
+            self._average(names, grads, buffer, last)
+        except BaseException as exc:
+            self._failed = exc
+            raise
+
+    def check_alive(self) -> None:
+        """Raise if an earlier call failed (the ranks may be out of step since)."""
+        if self._failed is not None:
+            raise RuntimeError(
+                f"gradient exchange stopped at step {self.step}: an earlier call failed "
+                f"({type(self._failed).__name__}: {self._failed}); build a new one or load "
+                "a checkpoint"
+            ) from self._failed
+
+    def _average(self, names: list[str], grads: list[Tensor], buffer: Tensor | None, last: bool):
         comm = self.collective
         if not self._open:
             self._open = True
+            self._stats.scale = self._loss_scale()
             self._begin_step(grads[0].device)
         before = (comm.payload, comm.sent, comm.received)
-        bad = ~_total(grads).isfinite()
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # one fused pass
         if self.step < self.start_iter:
-            self._observe(names, grads, bad)
+            self._observe(names, grads, torch.stack(norms))
             plain_mean(comm, grads, buffer)
         else:
-            self._compress(names, grads, buffer, bad)
+            passing = [self.compressor.passes(g.dtype) for g in grads]
+            if any(passing):  # the buffer goes whole only when every gradient in it passes
+                whole = buffer if all(passing) else None
+                plain_mean(comm, [g for g, p in zip(grads, passing, strict=True) if p], whole)
+            rest = [i for i, p in enumerate(passing) if not p]
+            if rest:
+                pick = [names[i] for i in rest], [grads[i] for i in rest], [norms[i] for i in rest]
+                self._compress(*pick)
         self._stats.payload += comm.payload - before[0]
         self._stats.sent += comm.sent - before[1]
         self._stats.received += comm.received - before[2]
@@ -101,33 +146,56 @@ class GradientExchange:
         if last:
             self._end_step()
 
-    def _compress(self, names: list[str], grads: list[Tensor], buffer: Tensor | None, bad: Tensor):
-        rank = self.collective.rank
-        slots = [
-            Slot(n, g, self._m(n, g), self.levels[n], stable_seed(self.seed, rank, self.step, n))
-            for n, g in zip(names, grads, strict=True)
-        ]
-        self._observe(names, [s.m for s in slots], bad)
-        energy = _sq_norm(slots)
-        if self.compressor.exchange(slots, self.collective, bad):
-            for s in slots:
-                self.errors[s.name] = s.m
-            self._stats.residual += _sq_norm(slots)
-            self._stats.energy += energy
-        else:
-            plain_mean(self.collective, grads, buffer)
-            self._stats.nonfinite = True
+    def _compress(self, names: list[str], grads: list[Tensor], norms: list[Tensor]) -> None:
+        comm, scale = self.collective, self._stats.scale
+        order = sorted(
+            range(len(names)), key=lambda i: (repr(self.levels[names[i]]), grads[i].shape)
+        )
+        flat = torch.empty(sum(g.numel() for g in grads), device=grads[0].device)
+        slots, offset = [], 0
+        for i in order:
+            name, g = names[i], grads[i]
+            m = flat[offset : offset + g.numel()].view(g.shape)
+            offset += g.numel()
+            e = self.errors.get(name)
+            if e is None:
+                m.copy_(g)
+            elif scale is None:
+                torch.add(g, e, out=m)
+            else:
+                torch.addcmul(g, e, scale, out=m)
+            seed = stable_seed(self.seed, comm.rank, self.step, name)
+            slots.append(Slot(name, g, m, self.levels[name], seed))
+        norms = torch.stack([norms[i] for i in order])  # no index tensor: nothing to copy
+        self._observe([s.name for s in slots], [s.m for s in slots], norms)
+        total = self.compressor.exchange(slots, comm, health(norms))
+        _, keep = outcome(total, comm.world)
+        for s, k in zip(slots, keep, strict=True):
+            new = s.m if scale is None else s.m.div_(scale)
+            old = self.errors.get(s.name)
+            _keep_where(k, old, new)
+            self.errors[s.name] = new
+            if scale is not None:
+                self._step_old.setdefault(s.name, old)
+        self._stats.compressed.append(norms.square().sum())
+        self._stats.nonfinite.append(total.isinf().any())
 
-    def _m(self, name: str, grad: Tensor) -> Tensor:
-        """M = g + e in fp32, a fresh tensor the compressor may overwrite."""
-        e = self.errors.get(name)
-        if e is None:
-            return grad.to(torch.float32, copy=True)
-        return torch.add(grad, e.to(grad.device))
+    def _loss_scale(self) -> Tensor | None:
+        """The grad scaler's current scale (a one-element device tensor), if it scales."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)  # updated in place by scaler.update()
+        return None if scale is None else scale.detach().clone()
 
     def _end_step(self) -> None:
         self._last, self._stats = self._stats, StepStats()
-        self.nonfinite_steps += self._last.nonfinite
+        if self._last.nonfinite:
+            bad = torch.stack(self._last.nonfinite).any()
+            self._nonfinite_steps = self._nonfinite_steps + bad
+            for name, old in self._step_old.items():  # the scaler skips this step: undo it
+                _keep_where(bad, old, self.errors[name])
+        self._step_old.clear()
         self.step += 1
         self._open = False
 
@@ -136,16 +204,32 @@ class GradientExchange:
         if self.controller is not None and self.controller.due(self.step):
             self.levels = self.controller.decide(self.shapes, self.levels, self.collective, device)
 
-    def _observe(self, names: list[str], tensors: list[Tensor], bad: Tensor) -> None:
-        """Hand each layer's M = g + e to the controller on the steps it measures."""
-        if self.controller is not None and self.controller.accumulating(self.step):
-            if not bad.item():
-                for name, m in zip(names, tensors, strict=True):
-                    self.controller.observe(name, m)
+    def _observe(self, names: list[str], tensors: list[Tensor], norms: Tensor) -> None:
+        """Hand each layer's M = g + e and ||g||^2 (unscaled) to the controller on the
+        steps it measures; non-finite gradients are left out."""
+        if self.controller is None or not self.controller.accumulating(self.step):
+            return
+        scale = self._stats.scale
+        ok = norms.isfinite()
+        grad_sq = norms.square() if scale is None else (norms / scale).square()
+        for i, (name, m) in enumerate(zip(names, tensors, strict=True)):
+            e = self.errors.get(name)
+            residual_sq = None if e is None else e.double().square().sum()
+            m = m if scale is None else m / scale
+            self.controller.observe(name, m, grad_sq[i], residual_sq, ok[i])
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Steps in which some layer's gradient was not finite on some rank."""
+        return int(self._nonfinite_steps)
 
     def metrics(self) -> dict[str, float]:
-        """The last step's bytes, compression ratio and relative compression error."""
-        last = self._last
+        """The last step's bytes and measured error; the controller's latest prediction.
+
+        comm/relative_error is comm/residual_sq / comm/grad_sq, sum ||e'||^2 / sum ||g||^2
+        over the compressed layers: what error feedback still owes after the step against
+        the step's gradient (unscaled). Over a run, compare sums of the two."""
+        last, world = self._last, self.collective.world if self.collective else 1
         out = {
             "comm/bytes_per_step": float(last.payload),
             "comm/dense_bytes_per_step": float(last.dense),
@@ -153,18 +237,43 @@ class GradientExchange:
             "comm/sent_bytes_per_step": last.sent,
             "comm/received_bytes_per_step": last.received,
             "comm/nonfinite_steps": float(self.nonfinite_steps),
+            "comm/compressed_share": self.compressed_share(),
         }
-        if isinstance(last.energy, Tensor) and last.energy > 0:
-            out["comm/relative_error"] = float(last.residual / last.energy)
+        if world > 1 and last.sent:
+            out["comm/traffic_ratio"] = 2 * (world - 1) / world * last.dense / last.sent
+        if last.compressed and self.errors:
+            energy = torch.stack(last.compressed).sum()
+            if last.scale is not None:
+                energy = energy / last.scale.square().sum()
+            residual = torch.stack(torch._foreach_norm(list(self.errors.values()))).square().sum()
+            out["comm/residual_sq"], out["comm/grad_sq"] = float(residual), float(energy)
+            if energy > 0:
+                out["comm/relative_error"] = out["comm/residual_sq"] / out["comm/grad_sq"]
         if self.controller is not None:
             levels = {f"comm/level/{n}": float(self.levels[n]) for n in self.compressed_layers()}
-            out |= levels | {"comm/lgreco_decisions": float(self.controller.decisions)}
-            out |= {f"comm/lgreco_{k}": v for k, v in self.controller.last.items()}
+            out |= levels | {"comm/decisions": float(self.controller.decisions)}
+            out |= {f"comm/predicted_{k}": v for k, v in self.controller.last.items()}
         return out
 
     def compressed_layers(self) -> list[str]:
         """Layers compressed at their current level (1-D tensors are not, for PowerSGD)."""
-        return [n for n, s in self.shapes.items() if self.compressor.compresses(s, self.levels[n])]
+        left = self.uncompressed()
+        return [n for n in self.shapes if n not in left]
+
+    def uncompressed(self) -> dict[str, str]:
+        """Layers sent as they are at their current level, each with the reason."""
+        out = {}
+        for n, shape in self.shapes.items():
+            if self.compressor.passes(self.dtypes[n]):
+                out[n] = f"{self.dtypes[n]} gradients are already 16-bit"
+            elif not self.compressor.compresses(shape, self.levels[n]):
+                out[n] = self.compressor.why_not(shape, self.levels[n])
+        return out
+
+    def compressed_share(self) -> float:
+        """The fraction of gradient entries that go compressed at the current levels."""
+        total = sum(s.numel() for s in self.shapes.values())
+        return sum(self.shapes[n].numel() for n in self.compressed_layers()) / max(total, 1)
 
     def save_artifacts(self, outdir: Path) -> None:
         """`comm_levels.png`: a bar chart of each compressed layer's level."""
@@ -194,7 +303,7 @@ class GradientExchange:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
-        self.nonfinite_steps = state["nonfinite_steps"]
+        self._nonfinite_steps = state["nonfinite_steps"]
         self.levels.update(state["levels"])
         self.errors = dict(state["errors"])
         self.compressor.load_state_dict(state["compressor"])
@@ -202,12 +311,17 @@ class GradientExchange:
             self.controller.load_state_dict(state["controller"])
 
 
-def _total(grads: list[Tensor]) -> Tensor:
-    """sum of every entry in fp32: not finite when any entry is inf or nan (or the sum
-    passes fp32's range, ~3e38, which no sane gradient reaches); cheaper than isfinite."""
-    return torch.stack([g.sum(dtype=torch.float32) for g in grads]).sum()
+def _keep_where(flag: Tensor, old: Tensor | None, new: Tensor) -> None:
+    """new <- old (zero when None) where the bool tensor `flag` is true, in place."""
+    if not _may_be_true(flag):
+        return
+    if old is None:
+        new.masked_fill_(flag, 0.0)
+    else:
+        torch.where(flag, old, new, out=new)
 
 
-def _sq_norm(slots: list[Slot]) -> Tensor:
-    """sum ||m||^2 over the slots."""
-    return torch.stack([torch.dot(s.m.view(-1), s.m.view(-1)) for s in slots]).sum()
+def _may_be_true(flag: Tensor) -> bool:
+    """Whether a bool tensor may hold True. A CPU tensor is read (free); a GPU one is
+    assumed True, so the caller's on-device select runs and the host never waits."""
+    return flag.device.type != "cpu" or bool(flag)

@@ -29,7 +29,7 @@ from .adaptive import Controller
 from .base import Compressor, Level
 from .collective import Collective, TorchCollective
 from .exchange import GradientExchange
-from .lane import Lane
+from .lane import CLOSE_TIMEOUT_S, Lane
 
 
 class CompressionState(GradientExchange):
@@ -55,10 +55,14 @@ class CompressionState(GradientExchange):
             self.collective = self._own_collective(process_group)
         self._names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         self._lane = Lane()
-        weakref.finalize(self, self._lane.close)  # when the state goes, or at exit
+        self._finalizer = weakref.finalize(
+            self, self._lane.close
+        )  # when the state goes, or at exit
 
     def submit(self, bucket: dist.GradBucket) -> torch.futures.Future:
-        """Queue the bucket on the comm lane; the future yields its averaged buffer."""
+        """Queue the bucket on the comm lane; the future yields its averaged buffer. A job
+        that raised stops the state: later buckets raise here, in backward."""
+        self.check_alive()
         if self.collective is None:
             self.collective = self._own_collective(self.process_group)
         buffer = bucket.buffer()
@@ -78,9 +82,15 @@ class CompressionState(GradientExchange):
             future.wait()
         return future
 
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop the comm thread (it also stops when the state is collected, or at exit);
+        TimeoutError when a job is stuck longer than `timeout_s`."""
+        self._finalizer.detach()
+        self._lane.close(timeout_s)
+
     def _own_collective(self, group: dist.ProcessGroup | None) -> TorchCollective:
         """`group`, else a new group over every rank (a collective call)."""
-        self.process_group = group if group is not None else dist.new_group()
+        self.process_group = group if group is not None else dist.new_group(timeout=_timeout())
         return TorchCollective(self.process_group)
 
 
@@ -109,6 +119,17 @@ class LGrecoState(CompressionState):
             compressor, start_iter, adjust_every, accumulate, alpha, bins, candidates
         )
         super().__init__(model, compressor, process_group, start_iter, seed, controller)
+
+
+def _timeout():
+    """The default group's timeout, for our own group (new_group would use 30 min)."""
+    group = dist.distributed_c10d._get_default_group()
+    for device in ("cpu", "cuda"):
+        try:
+            return group._get_backend(torch.device(device)).options._timeout
+        except (AttributeError, RuntimeError):  # no backend for that device, or no options
+            continue
+    return None
 
 
 def compression_hook(

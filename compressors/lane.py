@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import torch
 
+CLOSE_TIMEOUT_S = 60.0
+
 
 class Lane:
     """Runs submitted jobs one after another on a daemon thread."""
@@ -46,14 +48,21 @@ class Lane:
         self._jobs.put((job, device, ready, future))
         return future
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
         """Stop the thread once the queued jobs are done. Call it before the interpreter
-        exits: a thread still parked then makes the process abort at exit now and then."""
+        exits: a thread still parked then makes the process abort at exit now and then.
+        A job stuck longer than `timeout_s` (a collective whose peers are gone) raises
+        TimeoutError instead of hanging."""
         thread, self._thread = self._thread, None
-        if thread is not None:
-            self._jobs.put(None)
-            if thread is not threading.current_thread():
-                thread.join()
+        if thread is None or thread is threading.current_thread():
+            return
+        self._jobs.put(None)
+        thread.join(timeout_s)
+        if thread.is_alive():
+            raise TimeoutError(
+                f"{self.name}: a comm job did not finish within {timeout_s:g} s of close() "
+                "(a collective is stuck: has a rank stopped or died?)"
+            )
 
     def _run(self) -> None:
         while (item := self._jobs.get()) is not None:

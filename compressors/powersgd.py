@@ -9,6 +9,8 @@ from the previous step (identical on every rank):
     Q_w = M^T P^;         e' = M - P^ Q_w^T          (this rank's residual)
     Q = all-reduce(Q_w) / W;  output = P^ Q^T = mean_w P^ Q_w^T
 
+Layers of one shape and rank whose M lie back to back run as one batch (bmm,
+batched QR).
 1-D tensors, and those where r(n + m) does not save `min_compression_rate` over
 nm, ride along uncompressed (fp32) in the first all-reduce. A compressed tensor
 costs 4 r (n + m) bytes (fp32 P and Q).
@@ -19,10 +21,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Compressor, Level, Slot, check_positive_int, stable_seed
+from .base import Compressor, Level, Slot, batches, check_positive_int, outcome, stable_seed
 from .collective import Collective
 
 GRAM_SCHMIDT_MAX_RANK = 2  # beyond this, one QR call beats the column loop
+REFINE_ITERATIONS = 2  # subspace iterations standing in for the steps that warm Q up
 
 
 def matrix_shape(shape: torch.Size) -> tuple[int, int]:
@@ -31,17 +34,17 @@ def matrix_shape(shape: torch.Size) -> tuple[int, int]:
 
 
 def orthogonalize(p: Tensor) -> None:
-    """Orthonormalise the columns of `p` in place (Gram-Schmidt for small ranks, else QR).
-
-    An all-zero column stays zero instead of becoming NaN."""
-    if p.shape[1] > GRAM_SCHMIDT_MAX_RANK:
+    """Orthonormalise the columns of `p` (..., n, r) in place, each matrix of a batch on its
+    own (Gram-Schmidt for small ranks, else QR). An all-zero column stays zero, not NaN."""
+    if p.shape[-1] > GRAM_SCHMIDT_MAX_RANK:
         p.copy_(torch.linalg.qr(p).Q)
         return
-    for i in range(p.shape[1]):
-        col = p[:, i : i + 1]
-        col.div_(col.norm().clamp_min(torch.finfo(p.dtype).tiny))
-        rest = p[:, i + 1 :]
-        rest.sub_(col @ (col.t() @ rest))
+    for i in range(p.shape[-1]):
+        col = p[..., i : i + 1]
+        norm = torch.linalg.vector_norm(col, dim=-2, keepdim=True)
+        col.div_(norm.clamp_min(torch.finfo(p.dtype).tiny))
+        rest = p[..., i + 1 :]
+        rest.sub_(col @ (col.transpose(-2, -1) @ rest))
 
 
 class PowerSGD(Compressor):
@@ -69,73 +72,99 @@ class PowerSGD(Compressor):
         n, m = matrix_shape(shape)
         return min(level, n, m) * (n + m) * self.min_compression_rate <= n * m
 
+    def why_not(self, shape: torch.Size, level: Level) -> str:
+        if len(shape) < 2:
+            return "1-D"
+        n, m = matrix_shape(shape)
+        return (
+            f"{n}x{m} at rank {min(level, n, m)} saves less than "
+            f"min_compression_rate={self.min_compression_rate:g}"
+        )
+
     def wire_bytes(self, shape: torch.Size, level: Level) -> int:
         if not self.compresses(shape, level):
             return 4 * shape.numel()
         n, m = matrix_shape(shape)
         return 4 * min(level, n, m) * (n + m)
 
-    def errors(self, a: Tensor, levels: list[Level]) -> Tensor:
-        """Best rank-r error sum_{i>r} s_i^2 (Eckart-Young): what warm-started power
-        iteration converges to; 0 where the tensor goes uncompressed."""
+    def errors(self, a: Tensor, levels: list[Level], name: str = "") -> Tensor:
+        """The error of one power iteration from this layer's warm-start Q, as the next
+        step would run it, at every rank at once: with Q_R the first R = max(levels)
+        columns (the warm ones, then fresh), P^ = orthogonalize(A Q_R) and B = P^T A,
+        the rank-r output keeps sum_{i<r} ||B_i||^2 (P^'s first r columns span A Q_r),
+        so err(r) = ||A||^2 - sum_{i<r} ||B_i||^2. Columns beyond the current rank are
+        fresh (and a layer not yet compressed has no warm start at all), so
+        REFINE_ITERATIONS subspace iterations first stand in for the steps that warm
+        them up: every candidate is judged as it would run once warm, not the larger
+        ranks on random columns. 0 where the tensor goes uncompressed."""
         out = torch.zeros(len(levels), dtype=torch.float64, device=a.device)
-        if a.dim() < 2:
+        n, m = matrix_shape(a.shape)
+        ranks = {lv: min(lv, n, m) for lv in levels if self.compresses(a.shape, lv)}
+        if not ranks:
             return out
-        s2 = torch.linalg.svdvals(a.reshape(a.shape[0], -1).double()).square()
-        tail = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])  # tail[r] = sum_{i>=r}
+        mat = a.reshape(n, m).float()
+        q = self._warm_q(name, m, max(ranks.values()), a.device)
+        for _ in range(REFINE_ITERATIONS):
+            p = mat @ q
+            orthogonalize(p)
+            q = mat.t() @ p
+        p = mat @ q
+        orthogonalize(p)
+        kept = (p.t() @ mat).double().square().sum(1).cumsum(0)
+        total = mat.double().square().sum()
         for i, level in enumerate(levels):
-            if self.compresses(a.shape, level):
-                out[i] = tail[min(level, s2.numel())]
+            if level in ranks:
+                out[i] = (total - kept[ranks[level] - 1]).clamp_min(0)
         return out
 
-    def exchange(self, slots: list[Slot], comm: Collective, bad: Tensor) -> bool:
+    def exchange(self, slots: list[Slot], comm: Collective, flags: Tensor) -> Tensor:
+        index = {id(s): i for i, s in enumerate(slots)}
         dense = [s for s in slots if not self.compresses(s.m.shape, s.level)]
         low = [s for s in slots if self.compresses(s.m.shape, s.level)]
-        mats = [s.m.view(s.m.shape[0], -1) for s in low]
-        ranks = [min(s.level, *mat.shape) for s, mat in zip(low, mats, strict=True)]
+        groups = [
+            _Group(run, view, min(run[0].level, *matrix_shape(run[0].m.shape)))
+            for run, view in batches(low, key=lambda s: (s.m.shape, s.level))
+        ]
         device = slots[0].m.device
 
-        # Round 1: [uncompressed tensors | P = M Q of each layer | bad flag].
+        # Round 1: [uncompressed tensors | P = M Q of each layer | flags].
         dense_sizes = [s.m.numel() for s in dense]
-        p_sizes = [mat.shape[0] * r for mat, r in zip(mats, ranks, strict=True)]
-        first = torch.empty(sum(dense_sizes) + sum(p_sizes) + 1, device=device)
-        *dense_parts, p_region, flag = first.split(dense_sizes + [sum(p_sizes), 1])
-        ps = [
-            part.view(mat.shape[0], r)
-            for part, mat, r in zip(p_region.split(p_sizes), mats, ranks, strict=True)
-        ]
+        p_sizes = [g.p_numel for g in groups]
+        first = torch.empty(sum(dense_sizes) + sum(p_sizes) + len(slots), device=device)
+        parts = first.split([*dense_sizes, *p_sizes, len(slots)])
+        dense_parts, p_parts, flag_part = parts[: len(dense)], parts[len(dense) : -1], parts[-1]
         for s, part in zip(dense, dense_parts, strict=True):
             part.copy_(s.m.view(-1))
-        for s, mat, p in zip(low, mats, ps, strict=True):
-            torch.matmul(mat, self._warm_q(s.name, mat.shape[1], p.shape[1], device), out=p)
-        flag.copy_(bad)
+        for g, part in zip(groups, p_parts, strict=True):
+            g.p = part.view(len(g.run), g.n, g.r)
+            g.warm = torch.stack([self._warm_q(s.name, g.m, g.r, device) for s in g.run])
+            torch.bmm(g.mats, g.warm, out=g.p)
+        flag_part.copy_(flags)
         comm.all_reduce(first)
-        if flag.item() > 0:
-            return False
-
+        factor, keep = outcome(flag_part, comm.world)
         for s, total in zip(dense, dense_parts, strict=True):
-            s.grad.copy_(total.view_as(s.grad) / comm.world)
+            torch.mul(total.view_as(s.grad), factor[index[id(s)]], out=s.grad)
             s.m.zero_()
-        if not low:
-            return True
+        if not groups:
+            return flag_part
 
         # Round 2: Q_w = M^T P^ of each layer; the residuals are computed while it travels.
-        q_sizes = [mat.shape[1] * r for mat, r in zip(mats, ranks, strict=True)]
-        second = torch.empty(sum(q_sizes), device=device)
-        qs = [part.view(-1, r) for part, r in zip(second.split(q_sizes), ranks, strict=True)]
-        for mat, p, q in zip(mats, ps, qs, strict=True):
-            orthogonalize(p)
-            torch.matmul(mat.t(), p, out=q)
+        second = torch.empty(sum(g.q_numel for g in groups), device=device)
+        for g, part in zip(groups, second.split([g.q_numel for g in groups]), strict=True):
+            orthogonalize(g.p)
+            g.q = part.view(len(g.run), g.m, g.r)
+            torch.bmm(g.mats.transpose(1, 2), g.p, out=g.q)
         local = second.clone()
         work = comm.all_reduce(second, async_op=True)
-        for mat, p, q_w in zip(mats, ps, local.split(q_sizes), strict=True):
-            mat.addmm_(p, q_w.view(mat.shape[1], -1).t(), alpha=-1)
+        for g, q_w in zip(groups, local.split([g.q_numel for g in groups]), strict=True):
+            g.mats.baddbmm_(g.p, q_w.view_as(g.q).transpose(1, 2), alpha=-1)
         work.wait()
-        second.div_(comm.world)
-        for s, p, q in zip(low, ps, qs, strict=True):
-            self.q[s.name] = q
-            _write(s.grad, p, q)
-        return True
+        for g in groups:
+            for j, s in enumerate(g.run):
+                i = index[id(s)]
+                self.q[s.name] = torch.where(keep[i], g.warm[j], g.q[j] / comm.world)
+                _write(s.grad, g.p[j], g.q[j] * factor[i])
+        return flag_part
 
     def _warm_q(self, name: str, m: int, r: int, device: torch.device) -> Tensor:
         """The layer's Q from the last step; a rank change keeps the columns it can."""
@@ -149,15 +178,32 @@ class PowerSGD(Compressor):
         return q.to(device)
 
     def _fresh(self, name: str, m: int, start: int, stop: int) -> Tensor:
-        """Columns start..stop of a seeded Gaussian Q, the same on every rank."""
-        gen = torch.Generator().manual_seed(stable_seed(self.seed, name, stop))
-        return torch.randn(m, stop, generator=gen)[:, start:]
+        """Columns start..stop of a seeded Gaussian Q, the same on every rank and whatever
+        the rank (each column has a seed of its own)."""
+        gens = [
+            torch.Generator().manual_seed(stable_seed(self.seed, name, j))
+            for j in range(start, stop)
+        ]
+        return torch.stack([torch.randn(m, generator=g) for g in gens], 1)
 
     def state_dict(self) -> dict:
         return {"q": dict(self.q)}
 
     def load_state_dict(self, state: dict) -> None:
         self.q = dict(state["q"])
+
+
+class _Group:
+    """Same-shape, same-rank layers whose M lie back to back: one bmm for all of them."""
+
+    def __init__(self, run: list[Slot], view: Tensor, r: int):
+        self.run = run
+        self.n, self.m = matrix_shape(run[0].m.shape)
+        self.r = r
+        self.mats = view.view(len(run), self.n, self.m)
+        self.p_numel = len(run) * self.n * r
+        self.q_numel = len(run) * self.m * r
+        self.p = self.q = self.warm = view  # set during the exchange
 
 
 def _write(grad: Tensor, p: Tensor, q: Tensor) -> None:

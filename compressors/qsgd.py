@@ -6,12 +6,14 @@ of `bucket_size` entries; with s = 2^(b-1) - 1 levels and the bucket's scale
 c = max_i |v_i| (the paper's max-norm variant, which keeps error feedback bounded:
 |e_i| <= c / s),
 
-    x_i = s |v_i| / c,  l_i = floor(x_i) + Bernoulli(x_i - floor(x_i)),  v^_i = sign(v_i) l_i c / s
+    x_i = s |v_i| / c,  l_i = floor(x_i + u_i), u_i ~ U[0, 1),  v^_i = sign(v_i) l_i c / s
 
 so E[v^] = v. The code l_i sign(v_i) + s lies in [0, 2s] and takes b bits; codes
 are packed b bits per entry next to one fp32 scale per bucket, so n entries cost
 ceil(n b / 8) + 4 ceil(n / bucket_size) bytes (each part 4-byte aligned). bits=32
 sends the fp32 values unchanged. Ranks all-gather the payloads and average them.
+Layers of one size and bit width whose M lie back to back are quantised as one
+batch (one random draw per batch, seeded per rank, step and layer).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Compressor, Level, Slot, check_positive_int
+from .base import Compressor, Level, Slot, batches, check_positive_int, outcome
 from .collective import Collective
 from .wire import aligned, pack, unpack
 
@@ -29,27 +31,30 @@ RAW = 32  # bits=32: the values themselves
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
-    """Pack codes in [0, 2^bits) into ceil(n bits / 8) bytes, least significant bit first
-    (code i occupies bits i*bits .. i*bits + bits - 1 of the stream)."""
+    """Pack codes in [0, 2^bits) along the last dim into ceil(n bits / 8) bytes, least
+    significant bit first (code i occupies bits i*bits .. i*bits + bits - 1 of its row)."""
+    codes = codes.to(torch.uint8)
+    lead = codes.shape[:-1]
     if 8 % bits == 0:  # whole codes per byte: shift and add
         per = 8 // bits
-        grouped = F.pad(codes.to(torch.uint8), (0, -codes.numel() % per)).view(-1, per)
-        return (grouped << _arange(per, codes.device) * bits).sum(1, dtype=torch.uint8)
-    planes = (codes.to(torch.uint8).unsqueeze(1) >> _arange(bits, codes.device)) & 1
-    flat = planes.reshape(-1)
-    flat = F.pad(flat, (0, -flat.numel() % 8))
-    return (flat.view(-1, 8) << _arange(8, codes.device)).sum(1, dtype=torch.uint8)
+        grouped = F.pad(codes, (0, -codes.shape[-1] % per)).view(*lead, -1, per)
+        return (grouped << _arange(per, codes.device) * bits).sum(-1, dtype=torch.uint8)
+    planes = (codes.unsqueeze(-1) >> _arange(bits, codes.device)) & 1
+    flat = planes.reshape(*lead, -1)
+    flat = F.pad(flat, (0, -flat.shape[-1] % 8)).view(*lead, -1, 8)
+    return (flat << _arange(8, codes.device)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: Tensor, numel: int, bits: int) -> Tensor:
-    """The `numel` codes of `bits` bits that `pack_bits` packed (uint8)."""
+    """The `numel` codes of `bits` bits per row that `pack_bits` packed (uint8)."""
+    lead = packed.shape[:-1]
     if 8 % bits == 0:
         per = 8 // bits
-        codes = (packed.unsqueeze(1) >> _arange(per, packed.device) * bits) & (2**bits - 1)
-        return codes.view(-1)[:numel]
-    planes = (packed.unsqueeze(1) >> _arange(8, packed.device)) & 1
-    planes = planes.reshape(-1)[: numel * bits].view(numel, bits)
-    return (planes << _arange(bits, packed.device)).sum(1, dtype=torch.uint8)
+        codes = (packed.unsqueeze(-1) >> _arange(per, packed.device) * bits) & (2**bits - 1)
+        return codes.reshape(*lead, -1)[..., :numel]
+    planes = (packed.unsqueeze(-1) >> _arange(8, packed.device)) & 1
+    planes = planes.reshape(*lead, -1)[..., : numel * bits].reshape(*lead, numel, bits)
+    return (planes << _arange(bits, packed.device)).sum(-1, dtype=torch.uint8)
 
 
 def _arange(n: int, device: torch.device) -> Tensor:
@@ -57,27 +62,28 @@ def _arange(n: int, device: torch.device) -> Tensor:
 
 
 def _buckets(v: Tensor, bucket_size: int) -> Tensor:
-    """`v` zero-padded to whole buckets, shape (buckets, bucket_size)."""
-    return F.pad(v, (0, -v.numel() % bucket_size)).view(-1, bucket_size)
+    """Rows of `v` (..., n) zero-padded to whole buckets: shape (..., buckets, bucket_size)."""
+    return F.pad(v, (0, -v.shape[-1] % bucket_size)).view(*v.shape[:-1], -1, bucket_size)
 
 
 def quantize(v: Tensor, bits: int, bucket_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """(fp32 scale per bucket, uint8 code per entry) of a flat fp32 tensor."""
+    """(fp32 scale per bucket, uint8 code per entry) of fp32 rows `v` (..., n). Stochastic
+    rounding as floor(x + u), u ~ U[0, 1): x rounds up with probability x - floor(x)."""
     s = 2 ** (bits - 1) - 1
     b = _buckets(v, bucket_size)
-    scales = b.abs().amax(1)
-    x = (b.abs() / scales.clamp_min(torch.finfo(v.dtype).tiny).unsqueeze(1) * s).clamp_(max=s)
-    low = x.floor()
-    levels = low + (torch.rand(x.shape, generator=gen, device=x.device) < x - low)
-    codes = (torch.sign(b) * levels + s).to(torch.uint8)
-    return scales, codes.view(-1)[: v.numel()]
+    scales = b.abs().amax(-1)
+    inverse = torch.where(scales > 0, s / scales, 0.0)  # an all-zero bucket stays 0, no NaN
+    x = b.abs().mul_(inverse.unsqueeze(-1))
+    x.clamp_(max=s).add_(torch.rand(x.shape, generator=gen, device=x.device)).floor_()
+    codes = torch.copysign(x, b).add_(s).to(torch.uint8)
+    return scales, codes.flatten(-2)[..., : v.shape[-1]]
 
 
 def dequantize(scales: Tensor, codes: Tensor, bits: int, bucket_size: int) -> Tensor:
-    """The flat fp32 tensor that `quantize` encoded."""
+    """The fp32 rows that `quantize` encoded."""
     s = 2 ** (bits - 1) - 1
     levels = _buckets(codes.float() - s, bucket_size)
-    return (levels * (scales / s).unsqueeze(1)).view(-1)[: codes.numel()]
+    return (levels * (scales / s).unsqueeze(-1)).flatten(-2)[..., : codes.shape[-1]]
 
 
 class QSGD(Compressor):
@@ -104,46 +110,59 @@ class QSGD(Compressor):
             return 4 * n
         return aligned(4 * -(-n // self.bucket_size)) + aligned(-(-n * level // 8))
 
-    def errors(self, a: Tensor, levels: list[Level]) -> Tensor:
+    def errors(self, a: Tensor, levels: list[Level], name: str = "") -> Tensor:
         """The expected error of stochastic rounding, sum_i (c/s)^2 p_i (1 - p_i) with
         p_i = x_i - floor(x_i): exact in expectation, no sampling."""
         b = _buckets(a.reshape(-1).double(), self.bucket_size)
         scales = b.abs().amax(1, keepdim=True)
+        x = b.abs() / scales.clamp_min(torch.finfo(b.dtype).tiny)
         out = torch.zeros(len(levels), dtype=torch.float64, device=a.device)
         for i, bits in enumerate(levels):
             if bits != RAW:
                 s = 2 ** (bits - 1) - 1
-                p = torch.frac(b.abs() / scales.clamp_min(torch.finfo(b.dtype).tiny) * s)
+                p = torch.frac(x * s)
                 out[i] = ((scales / s).square() * p * (1 - p)).sum()
         return out
 
-    def exchange(self, slots: list[Slot], comm: Collective, bad: Tensor) -> bool:
-        parts = []
-        for s in slots:
-            flat = s.m.view(-1)
-            if s.level == RAW:
-                parts.append(flat.clone())
-                flat.zero_()
+    def exchange(self, slots: list[Slot], comm: Collective, flags: Tensor) -> Tensor:
+        index = {id(s): i for i, s in enumerate(slots)}
+        runs = batches(slots, key=lambda s: (s.m.numel(), s.level))
+        parts: list[Tensor] = []
+        counts = []  # payload parts per run
+        for run, view in runs:
+            rows, bits = view.view(len(run), -1), run[0].level
+            if bits == RAW:
+                parts.append(rows.clone())
+                rows.zero_()
+                counts.append(1)
                 continue
-            scales, codes = quantize(flat, s.level, self.bucket_size, self._gen(s))
-            flat.sub_(dequantize(scales, codes, s.level, self.bucket_size))
-            parts += [scales, pack_bits(codes, s.level)]
-        payload, layout = pack([*parts, bad.view(1).float()])
+            scales, codes = quantize(rows, bits, self.bucket_size, self._gen(run[0]))
+            rows.sub_(dequantize(scales, codes, bits, self.bucket_size))
+            packed = pack_bits(codes, bits)
+            # whole rows are one part when each row is 4-byte aligned; else one part per row
+            packed_parts = [packed] if packed.shape[1] % 4 == 0 else list(packed.unbind(0))
+            parts += [scales, *packed_parts]
+            counts.append(1 + len(packed_parts))
+        payload, layout = pack([*parts, flags])
         received = [unpack(row, layout) for row in comm.all_gather(payload)]
-        if torch.cat([r[-1] for r in received]).sum().item() > 0:
-            return False
-        streams = [iter(r[:-1]) for r in received]
-        for s in slots:
-            total = torch.zeros(s.m.numel(), device=s.m.device)
-            for r in streams:
-                if s.level == RAW:
-                    total += next(r)
-                else:
-                    scales, packed = next(r), next(r)
-                    codes = unpack_bits(packed, total.numel(), s.level)
-                    total += dequantize(scales, codes, s.level, self.bucket_size)
-            s.grad.copy_(total.view_as(s.grad) / comm.world)
-        return True
+        total_flags = torch.stack([r[-1] for r in received]).sum(0)
+        factor, _ = outcome(total_flags, comm.world)
+        start = 0
+        for (run, view), count in zip(runs, counts, strict=True):
+            rows, bits = view.view(len(run), -1), run[0].level
+            total = torch.zeros(rows.shape, device=rows.device)
+            for r in received:
+                got = r[start : start + count]
+                if bits == RAW:
+                    total += got[0]
+                    continue
+                packed = got[1] if got[1].dim() == 2 else torch.stack(got[1:])
+                codes = unpack_bits(packed, rows.shape[1], bits)
+                total += dequantize(got[0], codes, bits, self.bucket_size)
+            start += count
+            for j, s in enumerate(run):
+                torch.mul(total[j].view_as(s.grad), factor[index[id(s)]], out=s.grad)
+        return total_flags
 
     def _gen(self, slot: Slot) -> torch.Generator:
         """The device's generator, reseeded for this (rank, step, layer)."""

@@ -7,6 +7,8 @@ Memory", NeurIPS 2018. A rank sends k fp32 values and k int32 indices per tensor
 so ranks all-gather their pairs and scatter-add them:
 
     output = (1/W) sum_w scatter_add(idx_w, val_w);   e' = M with the sent entries zeroed
+
+Layers of one size and density whose M lie back to back are selected as one batch.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Compressor, Level, Slot
+from .base import Compressor, Level, Slot, batches, outcome
 from .collective import Collective
 from .wire import pack, unpack
 
@@ -43,26 +45,32 @@ class TopK(Compressor):
     def wire_bytes(self, shape: torch.Size, level: Level) -> int:
         return 8 * keep(shape.numel(), level)
 
-    def errors(self, a: Tensor, levels: list[Level]) -> Tensor:
-        """The energy outside the k largest entries, exactly."""
-        sq = a.reshape(-1).double().square().sort(descending=True).values
-        tail = torch.cat([sq.flip(0).cumsum(0).flip(0), sq.new_zeros(1)])  # tail[k] = sum_{i>=k}
-        return torch.stack([tail[keep(sq.numel(), level)] for level in levels])
+    def errors(self, a: Tensor, levels: list[Level], name: str = "") -> Tensor:
+        """The energy outside the k largest entries, exactly (from one top-k at the
+        largest k: err(k) = ||a||^2 - sum of the k largest squares)."""
+        sq = a.reshape(-1).double().square()
+        ks = [keep(sq.numel(), level) for level in levels]
+        top = sq.topk(max(ks)).values.cumsum(0)
+        total = sq.sum()
+        return torch.stack([(total - top[k - 1]).clamp_min(0) for k in ks])
 
-    def exchange(self, slots: list[Slot], comm: Collective, bad: Tensor) -> bool:
+    def exchange(self, slots: list[Slot], comm: Collective, flags: Tensor) -> Tensor:
+        index = {id(s): i for i, s in enumerate(slots)}
+        runs = batches(slots, key=lambda s: (s.m.numel(), s.level))
         parts = []
-        for s in slots:
-            flat = s.m.view(-1)
-            idx = flat.abs().topk(keep(flat.numel(), s.level), sorted=False).indices
-            parts += [flat[idx], idx.int()]
-            flat[idx] = 0  # the residual is what was not sent
-        payload, layout = pack([*parts, bad.view(1).float()])
+        for run, view in runs:
+            flat = view.view(len(run), -1)
+            idx = flat.abs().topk(keep(flat.shape[1], run[0].level), dim=1, sorted=False).indices
+            parts += [flat.gather(1, idx), idx.int()]
+            flat.scatter_(1, idx, 0.0)  # the residual is what was not sent
+        payload, layout = pack([*parts, flags])
         received = [unpack(row, layout) for row in comm.all_gather(payload)]
-        if torch.cat([r[-1] for r in received]).sum().item() > 0:
-            return False
-        for i, s in enumerate(slots):
-            total = torch.zeros(s.m.numel(), device=s.m.device)
+        total_flags = torch.stack([r[-1] for r in received]).sum(0)
+        factor, _ = outcome(total_flags, comm.world)
+        for g, (run, view) in enumerate(runs):
+            total = torch.zeros(view.view(len(run), -1).shape, device=view.device)
             for r in received:
-                total.index_add_(0, r[2 * i + 1].long(), r[2 * i])
-            s.grad.copy_(total.view_as(s.grad) / comm.world)
-        return True
+                total.scatter_add_(1, r[2 * g + 1].long(), r[2 * g])
+            for j, s in enumerate(run):
+                torch.mul(total[j].view_as(s.grad), factor[index[id(s)]], out=s.grad)
+        return total_flags

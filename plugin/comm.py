@@ -14,6 +14,7 @@ call its `average(names, grads)` after backward.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,21 @@ def _bf16(model: nn.Module, process_group=None, start_iter: int = 0):
     return CompressionState(model, Cast("bf16"), process_group, start_iter), compression_hook
 
 
+def _uniform(model, process_group, compressor, start_iter: int, seed: int, predict_every: int):
+    """A CompressionState at the compressor's one level; with `predict_every` > 0 a
+    one-candidate controller predicts its error that often (comm/predicted_error)."""
+    from gradlane.compressors import CompressionState, Controller, compression_hook
+
+    if isinstance(predict_every, bool) or not isinstance(predict_every, int) or predict_every < 0:
+        raise ValueError(f"predict_every={predict_every!r} must be an integer >= 0")
+    controller = None
+    if predict_every:
+        accumulate = min(3, predict_every)
+        controller = Controller(compressor, start_iter, predict_every, accumulate, candidates=[])
+    state = CompressionState(model, compressor, process_group, start_iter, seed, controller)
+    return state, compression_hook
+
+
 def _powersgd(
     model: nn.Module,
     process_group=None,
@@ -85,19 +101,26 @@ def _powersgd(
     start_iter: int = 10,
     min_compression_rate: float = 2.0,
     seed: int = 0,
+    predict_every: int = 0,
 ):
     """PowerSGD at one rank for every layer, with error feedback and warm start."""
-    from gradlane.compressors import CompressionState, PowerSGD, compression_hook
+    from gradlane.compressors import PowerSGD
 
     compressor = PowerSGD(rank, min_compression_rate, seed)
-    return CompressionState(model, compressor, process_group, start_iter, seed), compression_hook
+    return _uniform(model, process_group, compressor, start_iter, seed, predict_every)
 
 
-def _topk(model: nn.Module, process_group=None, density: float = 0.01, start_iter: int = 10):
+def _topk(
+    model: nn.Module,
+    process_group=None,
+    density: float = 0.01,
+    start_iter: int = 10,
+    predict_every: int = 0,
+):
     """TopK sparsification at one density, with error feedback (all-gather + scatter-add)."""
-    from gradlane.compressors import CompressionState, TopK, compression_hook
+    from gradlane.compressors import TopK
 
-    return CompressionState(model, TopK(density), process_group, start_iter), compression_hook
+    return _uniform(model, process_group, TopK(density), start_iter, 0, predict_every)
 
 
 def _qsgd(
@@ -107,12 +130,13 @@ def _qsgd(
     bucket_size: int = 128,
     start_iter: int = 10,
     seed: int = 0,
+    predict_every: int = 0,
 ):
     """QSGD at one bit width, bit-packed, with error feedback (all-gather)."""
-    from gradlane.compressors import QSGD, CompressionState, compression_hook
+    from gradlane.compressors import QSGD
 
     compressor = QSGD(bits, bucket_size)
-    return CompressionState(model, compressor, process_group, start_iter, seed), compression_hook
+    return _uniform(model, process_group, compressor, start_iter, seed, predict_every)
 
 
 LGRECO_COMPRESSORS = ("powersgd", "qsgd", "topk")
@@ -262,7 +286,29 @@ def build_exchange(model: nn.Module, cfg: Any, collective: Collective) -> Gradie
     _, state, _ = build_comm_state(model, cfg, collective)
     if state is not None and not isinstance(state, GradientExchange):
         raise ConfigError(f"comm.hook={name!r} does not build a gradlane GradientExchange")
+    if state is not None:
+        warn_if_little_compressed(name, state)
     return state
+
+
+MIN_COMPRESSED_SHARE = 0.5  # below this share of the gradient compressed, registration warns
+
+
+def warn_if_little_compressed(name: str, state: GradientExchange) -> str | None:
+    """Warn (and return the text) when the hook leaves most of the gradient uncompressed,
+    naming the largest layers it sends as they are and why."""
+    share = state.compressed_share()
+    if share >= MIN_COMPRESSED_SHARE:
+        return None
+    left = state.uncompressed()
+    big = sorted(left, key=lambda n: -state.shapes[n].numel())
+    shown = "; ".join(f"{n}: {left[n]}" for n in big[:4]) + ("; ..." if len(big) > 4 else "")
+    text = (
+        f"comm.hook={name!r} compresses {share:.0%} of the gradient: {len(left)} of "
+        f"{len(state.shapes)} layers go as they are ({shown})"
+    )
+    warnings.warn(text, stacklevel=2)
+    return text
 
 
 def register_comm_hook(ddp_model: nn.Module, cfg: Any, process_group=None) -> CommHook:
@@ -272,6 +318,8 @@ def register_comm_hook(ddp_model: nn.Module, cfg: Any, process_group=None) -> Co
     name, state, hook = build_comm_state(module, cfg, process_group)
     if hook is not None:
         ddp_model.register_comm_hook(state, hook)
+    if isinstance(state, GradientExchange):
+        warn_if_little_compressed(name, state)
     return CommHook(name, state, module)
 
 

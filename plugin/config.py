@@ -7,6 +7,8 @@ a different `comm.hook` or `optimizer.name`, the earlier layers' parameters of
 that section are dropped (they belonged to the other hook/optimizer); the
 learning-rate schedule keys are kept. Every key, type, bound and choice is
 checked here, so a bad value is one `ConfigError` line before anything runs.
+A recipe's `comm_defaults.<hook>` settings fill in what the final `comm`
+section leaves out for that hook (so each hook compresses the recipe's model).
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ class Config:
     ray: RaySection = field(default_factory=RaySection)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     comm: dict[str, Any] = field(default_factory=lambda: {"hook": "none"})
+    # hook name -> settings that hook takes for this recipe's model unless `comm` gives them
+    comm_defaults: dict[str, Any] = field(default_factory=dict)
     optimizer: dict[str, Any] = field(
         default_factory=lambda: {"name": "adamw", "schedule": "constant", "warmup_steps": 0}
     )
@@ -256,6 +260,12 @@ def compose(
         _reset_switched_sections(merged, layer)
         _deep_update(merged, layer)
     merged["run"]["recipe"] = recipe
+    defaults = merged["comm_defaults"] or {}
+    hook_defaults = defaults.get(merged["comm"].get("hook")) if isinstance(defaults, dict) else 0
+    if not isinstance(hook_defaults, dict | None):
+        raise ConfigError("comm_defaults must map hook names to their settings")
+    hook_defaults = hook_defaults or {}
+    merged["comm"] = {**hook_defaults, **merged["comm"]}
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(cls), merged)
     except OmegaConfBaseException as exc:

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint as ckpt
 from .checkpoint import prune
 from .cluster import check_capacity, scaling_config, start_ray
+from .comm import MIN_COMPRESSED_SHARE
 from .config import compose, flatten, to_yaml
 from .errors import ConfigError
 from .recipe import WorkerContext
@@ -404,6 +405,9 @@ def summary_table(result: RunResult) -> str:
     for key in sorted(result.metrics):
         value = result.metrics[key]
         rows.append((key, f"{value:.4g}" if isinstance(value, float) else str(value)))
+    share = result.metrics.get("comm/compressed_share", 1.0)
+    if share < MIN_COMPRESSED_SHARE:
+        rows.append(("comm warning", f"the hook compressed only {share:.0%} of the gradient"))
     rows += [
         ("checkpoint", str(result.checkpoint)),
         ("mlflow run", result.run_id),

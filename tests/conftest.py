@@ -26,6 +26,20 @@ TINY_LM = [
 
 
 @pytest.fixture(scope="module")
+def one_rank_comm():
+    """A real one-rank gloo group in this process, as a gradlane TorchCollective."""
+    import torch.distributed as dist
+
+    from gradlane.compressors import TorchCollective
+
+    if dist.is_initialized():
+        pytest.skip("another test left a process group initialised")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield TorchCollective()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
 def local_ray():
     """One embedded Ray (2 CPUs) per test module, shut down afterwards."""
     import ray
