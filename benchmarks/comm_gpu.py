@@ -239,6 +239,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.device == "cuda":  # set_device needs an index
+        args.device = "cuda:0"
     backend = "nccl" if args.device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(args.device))
