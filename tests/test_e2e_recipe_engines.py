@@ -52,7 +52,8 @@ def test_equivariant_forces_are_refused_under_deepspeed(tmp_path):
     """Its loss differentiates the energy inside the loss, which DeepSpeed's engine
     refuses mid-run: said before launch instead (one line, exit 2 from the CLI)."""
     overrides, _ = CASES["equivariant"]
-    with pytest.raises(ConfigError, match="trainer.engine=deepspeed cannot train") as info:
+    message = "trainer.engine=deepspeed cannot train the equivariant recipe"
+    with pytest.raises(ConfigError, match=message) as info:
         prepare("equivariant", None, [*overrides, "trainer.engine=deepspeed",
                                       f"data.cache_dir={tmp_path}"])  # fmt: skip
     assert "\n" not in str(info.value)

@@ -40,11 +40,11 @@ def statistics(data: Structures) -> tuple[Tensor, float, float]:
 class EquivariantTask(Task):
     def __init__(self, cfg: DictConfig, ctx: WorkerContext):
         m, d = cfg.model, cfg.data
-        if cfg.trainer.engine == "deepspeed" and m.force_weight > 0:
+        if cfg.trainer.engine == "deepspeed":
             raise ConfigError(
-                "trainer.engine=deepspeed cannot train the equivariant recipe's forces: its loss "
-                "differentiates the energy (torch.autograd.grad), which DeepSpeed's engine "
-                "refuses; use trainer.engine=ddp or horovod (or model.force_weight=0)"
+                "trainer.engine=deepspeed cannot train the equivariant recipe: its loss "
+                "differentiates the energy for the forces (torch.autograd.grad), which "
+                "DeepSpeed's engine refuses; use trainer.engine=ddp or horovod"
             )
         cache = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
         arrays = load(MDSettings.of(d), cache)
