@@ -13,7 +13,8 @@ are packed b bits per entry next to one fp32 scale per bucket, so n entries cost
 ceil(n b / 8) + 4 ceil(n / bucket_size) bytes (each part 4-byte aligned). bits=32
 sends the fp32 values unchanged. Ranks all-gather the payloads and average them.
 Layers of one size and bit width whose M lie back to back are quantised as one
-batch (one random draw per batch, seeded per rank, step and layer).
+batch (each layer's random draw seeded by rank, step and layer, so batching does not
+change how a layer rounds).
 """
 
 from __future__ import annotations
@@ -66,15 +67,26 @@ def _buckets(v: Tensor, bucket_size: int) -> Tensor:
     return F.pad(v, (0, -v.shape[-1] % bucket_size)).view(*v.shape[:-1], -1, bucket_size)
 
 
-def quantize(v: Tensor, bits: int, bucket_size: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def quantize(
+    v: Tensor, bits: int, bucket_size: int, gen: torch.Generator, seeds: list[int] | None = None
+) -> tuple[Tensor, Tensor]:
     """(fp32 scale per bucket, uint8 code per entry) of fp32 rows `v` (..., n). Stochastic
-    rounding as floor(x + u), u ~ U[0, 1): x rounds up with probability x - floor(x)."""
+    rounding as floor(x + u), u ~ U[0, 1): x rounds up with probability x - floor(x).
+    With `seeds` (one per row of a 2-D `v`) each row draws from `gen` reseeded with its
+    own seed, so a layer rounds the same whichever layers it is batched with (the DDP
+    hook's buckets and an engine's single call group layers differently)."""
     s = 2 ** (bits - 1) - 1
     b = _buckets(v, bucket_size)
     scales = b.abs().amax(-1)
     inverse = torch.where(scales > 0, s / scales, 0.0)  # an all-zero bucket stays 0, no NaN
     x = b.abs().mul_(inverse.unsqueeze(-1))
-    x.clamp_(max=s).add_(torch.rand(x.shape, generator=gen, device=x.device)).floor_()
+    u = torch.empty_like(x)
+    if seeds is None:
+        u.uniform_(generator=gen)
+    else:
+        for row, seed in zip(u.view(len(seeds), -1), seeds, strict=True):
+            row.uniform_(generator=gen.manual_seed(seed))
+    x.clamp_(max=s).add_(u).floor_()
     codes = torch.copysign(x, b).add_(s).to(torch.uint8)
     return scales, codes.flatten(-2)[..., : v.shape[-1]]
 
@@ -136,7 +148,8 @@ class QSGD(Compressor):
                 rows.zero_()
                 counts.append(1)
                 continue
-            scales, codes = quantize(rows, bits, self.bucket_size, self._gen(run[0]))
+            seeds = [s.seed for s in run]
+            scales, codes = quantize(rows, bits, self.bucket_size, self._gen(run[0]), seeds)
             rows.sub_(dequantize(scales, codes, bits, self.bucket_size))
             packed = pack_bits(codes, bits)
             # whole rows are one part when each row is 4-byte aligned; else one part per row

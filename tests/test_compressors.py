@@ -53,6 +53,20 @@ def test_payload_segments_round_trip_aligned():
         assert torch.equal(want, got)
 
 
+def test_qsgd_rounds_a_layer_the_same_alone_or_batched():
+    """Transports group layers differently (DDP buckets, an engine's one call): a layer's
+    stochastic rounding depends on its own seed only."""
+    rows = torch.randn(3, 200, generator=torch.Generator().manual_seed(1))
+    gen, seeds = torch.Generator(), [11, 22, 33]
+    scales, codes = quantize(rows, 4, 64, gen, seeds)
+    for j, seed in enumerate(seeds):
+        alone = quantize(rows[j : j + 1], 4, 64, gen, [seed])
+        torch.testing.assert_close(alone[0][0], scales[j], rtol=0, atol=0)
+        assert torch.equal(alone[1][0], codes[j])
+    other = quantize(rows, 4, 64, gen, [11, 22, 44])[1]
+    assert torch.equal(other[:2], codes[:2]) and not torch.equal(other[2], codes[2])
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_qsgd_is_unbiased_bounded_and_its_expected_error_is_exact(bits):
     gen = torch.Generator().manual_seed(0)
