@@ -156,12 +156,16 @@ def _check_keys(layer: dict[str, Any], schema: dict[str, Any], source: str) -> N
     Sections that are mappings (comm, optimizer, trainer.resources_per_worker) take any
     key here; comm and optimizer keys are checked against their factory's signature."""
     mappings = [k for k, default in schema.items() if isinstance(default, dict)]
-    for key in _leaves(layer):
+    for key, value in _leaves(layer).items():
         top = key.split(".")[0]
         if key == "resume" and source != "resumed run config":
             raise ConfigError(f"resume in {source}: give it on the command line, as resume=PATH")
         if key in schema or key == "resume" or any(key.startswith(d + ".") for d in mappings):
             continue
+        inside = sorted(k for k in schema if k.startswith(key + "."))
+        if inside:  # e.g. model.mlp=0.5 where model.mlp is a section of its own
+            keys = ", ".join(inside)
+            raise ConfigError(f"{key}={value!r} in {source}: a section; set its keys: {keys}")
         allowed = sorted(set(schema) | {"resume"})
         if top in {f.name for f in fields(Config)}:
             allowed = sorted(k for k in schema if k.startswith(top + "."))
