@@ -29,7 +29,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shlex
 import shutil
 import socket
@@ -44,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from machine import cpu_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -674,20 +674,10 @@ def main(argv: list[str] | None = None) -> None:
         "threads": args.threads,
         "compute_steps": args.compute_steps,
         "bucket_cap_mb": args.bucket_cap_mb,
-        "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     write(report, args.out, name)
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(
-            line.split(":", 1)[1].strip() for line in out.splitlines() if "Model name" in line
-        )
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def write(report: dict, out: Path, name: str) -> None:

@@ -31,7 +31,6 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -41,6 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 from torch import nn
 from torch._C._profiler import _EventType
 from torch.profiler import ProfilerActivity, profile
@@ -82,15 +82,6 @@ def layers(channels: int) -> dict[str, nn.Module]:
         "timm EvoNorm2dS0": timm.EvoNorm2dS0(channels),
         "ours EvoNormS0": EvoNormS0(channels),
     }
-
-
-def _cpu_model() -> str:
-    for line in (
-        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    ):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def allocations(fn: Callable[[], None]) -> list[int]:
@@ -311,7 +302,7 @@ def main() -> None:
     }
     summary = {
         "command": command,
-        "machine": f"{_cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
         f"; 1-min load average {load:.1f} at start, {os.getloadavg()[0]:.1f} at end",
         "shape": args.shape,
         "repeat": args.repeat,

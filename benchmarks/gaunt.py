@@ -26,7 +26,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,21 +33,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 from gradlane.layers import GauntTensorProduct
 from gradlane.layers.gaunt import FFT_FROM
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {4: 8.0, 8: 15.0}  # lmax -> speedup over e3nn required (CPU, fwd and fwd+bwd)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))  # fmt: skip
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def gaunt_path_weight(l1: int, l2: int, l3: int) -> float:

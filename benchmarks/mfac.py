@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
 import socket
 import statistics
@@ -46,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from machine import cpu_model
 
 from gradlane.optimizers import MFAC, window
 
@@ -430,16 +430,6 @@ def lm_quality(steps: int, seeds: list[int], sweeps: dict, model_cfg: dict) -> d
 # ------------------------------------------------------------------------------ report
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def targets(result: dict) -> dict:
     by_size = {(r["d"], r["m"]): r for r in result["step_time"]}
     out = {}
@@ -617,7 +607,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "machine": {
-            "cpu": _cpu_name(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "threads": args.threads,
             "torch": torch.__version__,

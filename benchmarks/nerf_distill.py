@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
+from machine import cpu_model
 
 from gradlane.layers import OccupancyGrid, build_field
 from gradlane.recipes.nerf_distill.data import load_views
@@ -89,15 +89,7 @@ def _args() -> argparse.Namespace:
 
 
 def _machine(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
 
 
 class Curve:

@@ -21,6 +21,7 @@ TINY = ["--size", "16", "--train-views", "4", "--test-views", "2", "--teacher-st
 def test_benchmark_imports_nothing_beyond_torch_numpy_and_pillow():
     code = (
         "import importlib.util, sys\n"
+        f"sys.path.insert(0, {str(SCRIPT.parent)!r})\n"  # as when run as a script
         f"spec = importlib.util.spec_from_file_location('bench', {str(SCRIPT)!r})\n"
         "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
         "heavy = {'ray', 'mlflow', 'omegaconf', 'matplotlib'} & set(sys.modules)\n"
