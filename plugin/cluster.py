@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from importlib.metadata import version
 from typing import Any
@@ -21,6 +22,7 @@ from .errors import ConfigError
 
 MIN_RAY = (2, 51)  # Ray Train V2 (checkpoint_dir_name, its checkpoint layout) is the default
 AUTH_MODE = "RAY_AUTH_MODE"
+CLIENT_TRIES = 3  # Ray Client connections tried before giving up
 
 
 def check_ray_version(installed: str | None = None) -> None:
@@ -76,10 +78,7 @@ def start_ray(cfg: DictConfig) -> bool:
     if cfg.ray.address:
         if cfg.ray.address.startswith("ray://"):  # Ray Client: the driver is not a node
             common = {"log_to_driver": False}
-        try:
-            ray.init(address=cfg.ray.address, **common)
-        except Exception as exc:  # noqa: BLE001 - any failure to join is the user's address
-            raise ConfigError(join_error(cfg.ray.address, exc)) from exc
+        join(cfg.ray.address, common)
         return True
     num_cpus = cfg.ray.num_cpus if cfg.ray.num_cpus is not None else os.cpu_count() or 1
     # Ray's default token auth stays on; only its "auth is enabled" notice is hushed.
@@ -90,9 +89,37 @@ def start_ray(cfg: DictConfig) -> bool:
     return True
 
 
+def join(address: str, options: dict[str, Any], tries: int = CLIENT_TRIES) -> None:
+    """`ray.init` on a cluster; Ray Client is tried again when the head failed to start
+    this client's server, which a busy head does now and then (ConnectionAbortedError)."""
+    import ray
+
+    for attempt in range(1, tries + 1):
+        try:
+            ray.init(address=address, **options)
+            return
+        except ConnectionAbortedError as exc:
+            ray.shutdown()
+            if attempt == tries:
+                raise ConfigError(join_error(address, exc)) from exc
+            warnings.warn(
+                f"{join_error(address, exc)}; trying again ({attempt + 1}/{tries})",
+                stacklevel=2,
+            )
+            time.sleep(2.0 * attempt)
+        except Exception as exc:  # noqa: BLE001 - any failure to join is the user's address
+            raise ConfigError(join_error(address, exc)) from exc
+
+
 def join_error(address: str, exc: BaseException) -> str:
-    """One line on why joining failed, naming what to set when token auth is the cause."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    """One line on why joining failed, naming what to set when token auth is the cause.
+
+    Ray Client puts the server's traceback under a first line of its own; the reason is
+    that traceback's last line, so both are kept."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    lines = lines or [type(exc).__name__]
+    text = lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':')}: {lines[-1]}"
+    text = text[:300]
     message = f"ray.address={address!r}: cannot connect ({text})"
     if "ray[client]" in text:
         return f"ray.address={address!r}: Ray Client needs pip install 'ray[client]'"

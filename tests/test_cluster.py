@@ -104,13 +104,19 @@ def test_joining_a_token_cluster_without_the_token_says_what_to_set(head, tmp_pa
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def _client_server_logs(ray_tmp: Path) -> str:
+    """The tail of the head's Ray Client server logs: why a client was turned away."""
+    logs = sorted((ray_tmp / "ray").glob("session_*/logs/ray_client_server*"))
+    return "".join(f"\n--- {p.name}\n{p.read_text(errors='replace')[-1500:]}" for p in logs)
+
+
 @pytest.mark.parametrize("client", [False, True], ids=["address", "ray-client"])
-def test_run_on_a_started_head(head, tmp_path, client):
+def test_run_on_a_started_head(head, ray_tmp, tmp_path, client):
     address = f"ray://127.0.0.1:{head.client_port}" if client else f"127.0.0.1:{head.port}"
     storage = tmp_path / "shared"  # stands for a mount every node sees
     proc = _run(tmp_path / "out", f"ray.address={address}", f"run.storage={storage}",
                 "run.name=joined", env=head.env)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:] + _client_server_logs(ray_tmp)
     run_dir = tmp_path / "out" / "joined"
     info = read_info(run_dir)
     assert info["status"] == "FINISHED" and Path(info["storage"]) == storage / "joined"
@@ -131,3 +137,14 @@ def test_join_error_names_token_auth_only_when_it_is_off(monkeypatch):
     assert "RAY_AUTH_MODE=token" in join_error("h:1", ConnectionError("Failed to connect"))
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     assert "RAY_AUTH_MODE" not in join_error("h:1", ConnectionError("Failed to connect"))
+
+
+def test_join_error_keeps_the_reason_from_a_ray_client_traceback():
+    exc = ConnectionAbortedError(
+        "Initialization failure from server:\nTraceback (most recent call last):\n"
+        '  File "proxier.py", line 780, in Datapath\n'
+        "RuntimeError: Proxy failed to Connect to backend!\n"
+    )
+    line = join_error("ray://h:10001", exc)
+    assert "\n" not in line
+    assert "cannot connect (Initialization failure from server: RuntimeError: Proxy" in line
