@@ -1,6 +1,7 @@
 """A message-passing interatomic potential with three interchangeable backbones.
 
-Energy E = scale * sum_i e_i + sum_i shift[Z_i]; forces F = -dE/dx by autograd.
+Energy E = scale * sum_i e_i + sum_i shift[Z_i]; forces F = -dE/dx by autograd
+(`ForceField`: both from one forward pass).
 Edges are periodic neighbour pairs (i, j, S) with r_ij = x_j - x_i + S @ cell.
 
 "gaunt" / "e3nn": node features h (N, C, (L+1)^2) hold C channels of real SH
@@ -351,3 +352,20 @@ def energy_and_forces(model: nn.Module, batch: GraphBatch, create_graph: bool):
     energy = model(batch)
     (grad,) = torch.autograd.grad(energy.sum(), positions, create_graph=create_graph)
     return energy, -grad
+
+
+class ForceField(nn.Module):
+    """A potential's energies and forces F = -dE/dx from one forward pass.
+
+    The derivative is taken inside `forward`, so a training loss is a plain function of
+    the outputs: engines that hook a forward's outputs (DeepSpeed starts its backward
+    bookkeeping there and rescales their gradients) see the loss's backward only, never
+    the force derivative, on any engine and ZeRO stage. Training needs `create_graph`
+    (the loss differentiates the forces again); evaluation does not."""
+
+    def __init__(self, potential: nn.Module):
+        super().__init__()
+        self.potential = potential
+
+    def forward(self, batch: GraphBatch, create_graph: bool = True) -> tuple[Tensor, Tensor]:
+        return energy_and_forces(self.potential, batch, create_graph)

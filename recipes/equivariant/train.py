@@ -10,11 +10,10 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from gradlane.errors import ConfigError
 from gradlane.recipe import EvalSums, Task, WorkerContext
 
 from .data import GraphBatch, MDSettings, Structures, collate, load, to_structures
-from .model import build_model, energy_and_forces, set_statistics
+from .model import ForceField, build_model, set_statistics
 
 EVAL_BATCH = 16  # structures per evaluation forward pass
 MODEL_KEYS = ("channels", "lmax", "layers", "cutoff", "radial", "radial_hidden", "readout_hidden",
@@ -40,20 +39,15 @@ def statistics(data: Structures) -> tuple[Tensor, float, float]:
 class EquivariantTask(Task):
     def __init__(self, cfg: DictConfig, ctx: WorkerContext):
         m, d = cfg.model, cfg.data
-        if cfg.trainer.engine == "deepspeed":
-            raise ConfigError(
-                "trainer.engine=deepspeed cannot train the equivariant recipe: its loss "
-                "differentiates the energy for the forces (torch.autograd.grad), which "
-                "DeepSpeed's engine refuses; use trainer.engine=ddp or horovod"
-            )
         cache = Path(d.cache_dir).expanduser() if d.cache_dir else default_cache_dir()
         arrays = load(MDSettings.of(d), cache)
         self.train = to_structures(arrays["train"], m.cutoff)
         self.test = to_structures(arrays["test"], m.cutoff)
         elements = torch.unique(torch.cat([self.train.numbers, self.test.numbers])).tolist()
-        self.model = build_model(m.backbone, elements, **{k: m[k] for k in MODEL_KEYS})
+        potential = build_model(m.backbone, elements, **{k: m[k] for k in MODEL_KEYS})
         shift, self.scale, neighbours = statistics(self.train)
-        set_statistics(self.model, shift, self.scale, neighbours)
+        set_statistics(potential, shift, self.scale, neighbours)
+        self.model = ForceField(potential)
         self.ctx, self.batch_size = ctx, d.batch_size
         self.energy_weight, self.force_weight = m.energy_weight, m.force_weight
         every = max(1, len(self.train) // max(d.eval_train, 1))
@@ -70,7 +64,7 @@ class EquivariantTask(Task):
         return self._to_device(collate(self.train, index))
 
     def loss(self, model: nn.Module, batch: GraphBatch) -> Tensor:
-        energy, forces = energy_and_forces(model, batch, create_graph=True)
+        energy, forces = model(batch)
         e = ((energy - batch.energy) / batch.atoms / self.scale).pow(2).mean()
         f = ((forces - batch.forces) / self.scale).pow(2).mean()
         return self.energy_weight * e + self.force_weight * f
@@ -84,7 +78,7 @@ class EquivariantTask(Task):
         with torch.enable_grad():  # forces are gradients, also under the loop's no_grad
             for start in range(0, len(index), EVAL_BATCH):
                 batch = self._to_device(collate(data, index[start : start + EVAL_BATCH]))
-                energy, forces = energy_and_forces(model, batch, create_graph=False)
+                energy, forces = model(batch, create_graph=False)
                 e_err.append(((energy - batch.energy) / batch.atoms).detach())
                 f_err.append((forces - batch.forces).detach())
                 f_ref.append(batch.forces)
