@@ -4,7 +4,8 @@ fp16 hook's bytes (half of the dense gradient) go through the engine's transport
 
 The equivariant recipe's loss trains forces, derivatives of the energy: under DeepSpeed
 at every ZeRO stage it gives the weights of one process stepping on all ranks'
-micro-batches (2 gloo ranks, gradient accumulation 2, with and without a comm hook)."""
+micro-batches (2 gloo ranks, gradient accumulation 2, with and without a comm hook;
+a bf16 forward comes close to it)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ DEEPSPEED_CASES = {
     "sgd zero 0 topk": [*SGD, "deepspeed.zero_stage=0", *LOSSLESS_TOPK],
     "mfac zero 0": [*MFAC, "deepspeed.zero_stage=0"],
     "mfac zero 2": [*MFAC, "deepspeed.zero_stage=2"],
+    "sgd zero 2 bf16": [*SGD, "deepspeed.zero_stage=2", "deepspeed.precision=bf16"],
 }
 
 
@@ -120,7 +122,7 @@ def _one_process(cache, overrides) -> torch.Tensor:
 
 def test_equivariant_forces_under_deepspeed_match_one_process(tmp_path):
     """Forces trained under DeepSpeed, ZeRO 0/1/2, accumulation 2, with SGD, M-FAC and a
-    lossless comm hook: each rank's weights are the one-process oracle's."""
+    lossless comm hook: each rank's weights are the one-process oracle's (bf16: near)."""
     oracle = {"sgd": _one_process(tmp_path, SGD), "mfac": _one_process(tmp_path, MFAC)}
     start = flat(_equivariant(tmp_path, SGD, 0)[1].model)
     assert all((want - start).abs().max() > 1e-3 for want in oracle.values())  # it trains
@@ -128,6 +130,10 @@ def test_equivariant_forces_under_deepspeed_match_one_process(tmp_path):
     for name in DEEPSPEED_CASES:
         want = oracle[name.split()[0]]
         for params, _ in (out[name] for out in runs):
-            torch.testing.assert_close(params, want, rtol=1e-4, atol=1e-6, msg=name)
+            if name.endswith("bf16"):  # a bf16 forward: near the fp32 oracle, not equal
+                assert 0 < (params - want).abs().max() < 0.1 * (want - start).abs().max(), name
+            else:
+                torch.testing.assert_close(params, want, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(runs[0]["sgd zero 2 bf16"][0], runs[1]["sgd zero 2 bf16"][0])
     topk = runs[0]["sgd zero 0 topk"][1]
     assert topk["comm/bytes_per_step"] > topk["comm/dense_bytes_per_step"] > 0  # indices too

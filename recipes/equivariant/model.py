@@ -207,7 +207,7 @@ class EquivariantLayer(nn.Module):
         weights = self.radial(edge_basis).view(-1, self.channels, self.lmax + 1)
         x2 = weights[..., self.degree] * edge_sh[:, None, :]
         messages = self.product(h[dst], x2)
-        a = torch.zeros_like(h).index_add_(0, src, messages) / avg_neighbours
+        a = messages.new_zeros(h.shape).index_add_(0, src, messages) / avg_neighbours
         return self.gate(self.mix(self.many_body(a)) + self.self_mix(h))
 
 
@@ -288,7 +288,7 @@ class PlainMessagePassing(nn.Module):
         h = self.embed(graph.numbers).expand(positions.shape[0], -1, -1)
         for message, update in zip(self.messages, self.updates, strict=True):
             m = message(torch.cat([h[:, graph.dst], basis, vec / r], -1))
-            agg = torch.zeros_like(h).index_add_(1, graph.src, m) / self.avg_neighbours
+            agg = m.new_zeros(h.shape).index_add_(1, graph.src, m) / self.avg_neighbours
             h = h + update(torch.cat([h, agg], -1))
         atom_energy = self.readout(h).squeeze(-1)
         return atom_energy.new_zeros(atom_energy.shape[0], graph.num_graphs).index_add_(
