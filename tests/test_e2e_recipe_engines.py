@@ -120,6 +120,7 @@ def _one_process(cache, overrides) -> torch.Tensor:
     return flat(task.model)
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_equivariant_forces_under_deepspeed_match_one_process(tmp_path):
     """Forces trained under DeepSpeed, ZeRO 0/1/2, accumulation 2, with SGD, M-FAC and a
     lossless comm hook: each rank's weights are the one-process oracle's (bf16: near)."""
