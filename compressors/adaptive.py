@@ -20,17 +20,31 @@ does, inflates the residual's share: it repeats from step to step while the
 gradient's noise does not.) A residual in steady state satisfies
 ||e||^2 = omega (||g||^2 + ||e||^2), so
 
-    err[l, c] = k_l G_l omega / (1 - omega),   G_l = sum of ||g_l||^2 over those steps
+    model[l, c] = G_l omega / (1 - omega),   G_l = sum of ||g_l||^2 over those steps
 
 with omega capped at 0.999 (2-bit QSGD's max-norm rounding has omega ~ 1: its
-residual grows without bound, which the one-step error hides), and k_l the
-calibration that makes err[l, current level] the residual ||e||^2 measured on
-the same steps (within 1/10..10x). sum_l err[l, c_l] / sum_l G_l is the
+residual grows without bound, which the one-step error hides).
+
+The model alone is far off for PowerSGD: its one-step estimate sees this rank's M
+only, while the real P^ spans the sum over ranks, so each rank's own part of M
+stays in its residual (on the lm GPT at 2 ranks the measured residual was 2 to
+3000 times the model's). So, as L-GreCo picks levels from errors it measures,
+the error is calibrated by measurement: at each decision, for every layer whose
+residual ||e||^2 was measured on all those steps, k_l(c) = measured / model at its
+current level c, and a candidate's error is
+
+    err[l, c] = k_l(c*) G_l omega_c / (1 - omega_c),   c* the measured level nearest c
+
+(nearest in log level; k_l of a level is kept until that level is measured again).
+A layer not measured at any level yet keeps its level, so the first decision,
+after plain all-reduce steps, changes nothing. sum_l err[l, c_l] / sum_l G_l is the
 predicted relative error, next to which the hooks report the measured one
 (`comm/residual_sq` / `comm/grad_sq`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -39,7 +53,6 @@ from .base import Compressor, Level, check_positive_int
 from .collective import Collective
 
 OMEGA_MAX = 0.999  # a one-step relative error above this costs as much as 0.999 (999x G)
-MAX_CALIBRATION = 10.0  # the measured residual rescales the model by at most this factor
 
 
 def knapsack(costs: Tensor, weights: Tensor, capacity: int) -> list[int] | None:
@@ -123,6 +136,7 @@ class Controller:
         # over the measured steps, per layer: sums of omega (per candidate), ||g||^2, ||e||^2
         # and of the steps counted (seen, residual_seen)
         self.sums: dict[str, dict[str, Tensor]] = {}
+        self.calibration: dict[str, dict[Level, float]] = {}  # layer -> level -> k_l(level)
         self.decisions = 0
         self.last: dict[str, float] = {}
 
@@ -166,19 +180,18 @@ class Controller:
 
         Each rank predicts every candidate's residual on its own accumulated
         gradients; the table is summed over ranks, rank 0 solves the knapsack and
-        broadcasts the choice. Layers no rank has data for keep their level."""
+        broadcasts the choice. Layers whose error no rank has measured keep their level."""
         names, cands = list(shapes), self.candidates
         table = torch.zeros(len(names), len(cands) + 2, dtype=torch.float64, device=device)
         seen = self.sums.get("seen", {})
         for i, name in enumerate(names):
             if name in seen:
-                current = cands.index(levels[name]) if levels[name] in cands else None
-                table[i, : len(cands)] = self._predict(name, current)
+                table[i, : len(cands)], calibrated = self._predict(name, levels[name])
                 table[i, -2] = self.sums["grad_sq"][name]
-                table[i, -1] = seen[name]
+                table[i, -1] = float(calibrated)
         comm.all_reduce(table)
         table = table.cpu()
-        errors, energy, seen = table[:, : len(cands)], table[:, -2], table[:, -1] > 0
+        errors, energy, calibrated = table[:, : len(cands)], table[:, -2], table[:, -1] > 0
         sizes = torch.tensor(
             [[self.compressor.wire_bytes(shapes[n], c) for c in cands] for n in names],
             dtype=torch.float64,
@@ -187,8 +200,10 @@ class Controller:
         picks = torch.tensor(
             [cands.index(levels[n]) if levels[n] in cands else int(default[0]) for n in names]
         )
-        if comm.rank == 0 and seen.any():
-            picks[seen] = choose(errors[seen], sizes[seen], default[seen], self.alpha, self.bins)
+        if comm.rank == 0 and calibrated.any():
+            picks[calibrated] = choose(
+                errors[calibrated], sizes[calibrated], default[calibrated], self.alpha, self.bins
+            )
         shared = picks.to(device)
         comm.broadcast(shared)
         picks = shared.cpu()
@@ -205,26 +220,40 @@ class Controller:
         self.sums.clear()
         return {n: cands[int(p)] for n, p in zip(names, picks, strict=True)}
 
-    def _predict(self, name: str, current: int | None) -> Tensor:
-        """The steady-state residual per candidate (module docstring): G omega / (1 - omega)
-        with omega averaged over the measured steps, scaled so that at the `current`
-        level (an index) it equals the residual measured there, when there was one."""
+    def _predict(self, name: str, level: Level) -> tuple[Tensor, bool]:
+        """Each candidate's residual over the measured steps (module docstring), and
+        whether it rests on a measurement: the model G omega / (1 - omega), omega averaged
+        over the steps, times k_l of the measured level nearest the candidate. Records
+        k_l(level) when the residual at the current `level` was measured on every step
+        (where measured and model are both zero, the model stands as it is)."""
         sums = self.sums
         omega = (sums["omega"][name] / sums["seen"][name].clamp_min(1)).clamp(0.0, OMEGA_MAX)
         model = sums["grad_sq"][name] * omega / (1 - omega)
         residual_seen = sums.get("residual_seen", {}).get(name)
-        if current is None or residual_seen is None:
-            return model
-        full = residual_seen == sums["seen"][name]  # every measured step had a residual
-        factor = sums["residual_sq"][name] / model[current].clamp_min(1e-300)
-        factor = torch.where(full & (model[current] > 0), factor, 1.0)
-        return model * factor.clamp(1 / MAX_CALIBRATION, MAX_CALIBRATION)
+        measured = level in self.candidates and residual_seen is not None
+        measured = measured and bool(residual_seen == sums["seen"][name])
+        if measured:
+            predicted, residual = model[self.candidates.index(level)], sums["residual_sq"][name]
+            if bool(predicted > 0) and bool(residual > 0):
+                self.calibration.setdefault(name, {})[level] = float(residual / predicted)
+        known = self.calibration.get(name)
+        if not known:
+            return model, measured
+        factors = [known[min(known, key=lambda k: abs(math.log(k / c)))] for c in self.candidates]
+        return model * torch.tensor(factors, dtype=model.dtype, device=model.device), True
 
     def state_dict(self) -> dict:
         sums = {k: dict(v) for k, v in self.sums.items()}
-        return {"sums": sums, "decisions": self.decisions, "last": dict(self.last)}
+        calibration = {k: dict(v) for k, v in self.calibration.items()}
+        return {
+            "sums": sums,
+            "calibration": calibration,
+            "decisions": self.decisions,
+            "last": dict(self.last),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = {k: dict(v) for k, v in state["sums"].items()}
+        self.calibration = {k: dict(v) for k, v in state.get("calibration", {}).items()}
         self.decisions = state["decisions"]
         self.last = dict(state["last"])
