@@ -126,7 +126,9 @@ class GradientExchange:
             self._stats.scale = self._loss_scale()
             self._begin_step(grads[0].device)
         before = (comm.payload, comm.sent, comm.received)
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # one fused pass
+        # fp64: in fp32 the squares of entries below ~1e-19 underflow, a layer's norm is 0,
+        # and `health` takes it for unused (its gradient was dropped, not fed back)
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
         if self.step < self.start_iter:
             self._observe(names, grads, torch.stack(norms))
             plain_mean(comm, grads, buffer)

@@ -29,6 +29,7 @@ from .wire import aligned, pack, unpack
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 32)
 RAW = 32  # bits=32: the values themselves
+SMALLEST_FP32 = 2.0**-149  # the smallest positive (subnormal) float32
 
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
@@ -78,8 +79,11 @@ def quantize(
     s = 2 ** (bits - 1) - 1
     b = _buckets(v, bucket_size)
     scales = b.abs().amax(-1)
-    inverse = torch.where(scales > 0, s / scales, 0.0)  # an all-zero bucket stays 0, no NaN
-    x = b.abs().mul_(inverse.unsqueeze(-1))
+    # |v_i| / c, not |v_i| (s / c): s / c overflows to inf when c is subnormal, and 0 * inf
+    # is NaN, whose uint8 cast is undefined (it decoded as -c on the CPU; elsewhere it
+    # may not fit in b bits, and the packed codes would differ from those kept). c is
+    # floored at the smallest subnormal, so an all-zero bucket stays 0.
+    x = b.abs().div_(scales.clamp_min(SMALLEST_FP32).unsqueeze(-1)).mul_(s)
     u = torch.empty_like(x)
     if seeds is None:
         u.uniform_(generator=gen)

@@ -14,6 +14,7 @@ from gradlane.compressors import (
     QSGD,
     Cast,
     Controller,
+    GradientExchange,
     PowerSGD,
     Slot,
     TopK,
@@ -86,6 +87,49 @@ def test_qsgd_is_unbiased_bounded_and_its_expected_error_is_exact(bits):
     assert ((total / draws - v).abs() <= 5 * std / math.sqrt(draws) + 1e-7).all()
     expected = float(QSGD(bits, bucket).errors(v, [bits])[0])
     assert sq / draws == pytest.approx(expected, rel=0.05)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_qsgd_of_a_subnormal_bucket_stays_within_one_step(bits):
+    """A bucket whose largest entry is subnormal (s / c would overflow to inf, 0 * inf is
+    NaN): its zeros decode as 0 and every entry within one step c / s."""
+    v = torch.zeros(2, 64)
+    v[0, :3] = torch.tensor([1e-40, -3e-41, 5e-42])
+    scales, codes = quantize(v, bits, 32, torch.Generator(), [1, 2])
+    s = 2 ** (bits - 1) - 1
+    assert codes.max() <= 2 * s
+    vhat = dequantize(scales, codes, bits, 32)
+    assert (vhat[0, 3:] == 0).all() and (vhat[1] == 0).all()
+    assert ((vhat - v).abs() <= 1e-40 / s * (1 + 1e-6)).all()
+
+
+def test_exchange_conserves_qsgd_at_mixed_levels_that_change_every_step(comm):
+    """What L-GreCo QSGD does to the exchange: layers at 2, 3, 4, 6 and 8 bits at once
+    (same-shape layers side by side at different widths), a level change on every step,
+    gradients from 1e-40 (subnormal) to 1e3 and an all-zero one. At one rank the mean is
+    the gradient itself: applied + e_new = g + e_old on every step, for every layer."""
+    shapes = {f"w{i}": (16, 40) for i in range(5)} | {"b": (40,), "odd": (7, 9), "z": (5, 5)}
+    model = torch.nn.ParameterDict(
+        {k: torch.nn.Parameter(torch.zeros(s)) for k, s in shapes.items()}
+    )
+    exchange = GradientExchange(model, QSGD(4, bucket_size=32), comm)
+    gen = torch.Generator().manual_seed(0)
+    widths = [2, 3, 4, 6, 8]
+    for step in range(6):
+        exchange.levels = {k: widths[(i + step) % 5] for i, k in enumerate(shapes)}
+        grads = {
+            k: torch.randn(s, generator=gen) * 10.0 ** (3 - 6 * i)
+            for i, (k, s) in enumerate(shapes.items())
+        }
+        grads["z"].zero_()
+        applied = {k: g.clone() for k, g in grads.items()}
+        before = {k: e.clone() for k, e in exchange.errors.items()}
+        exchange.average(list(shapes), list(applied.values()))
+        for k, g in grads.items():
+            old = before.get(k, torch.zeros_like(g))
+            total = applied[k] + exchange.errors[k]
+            scale = float((g + old).abs().max())
+            torch.testing.assert_close(total, g + old, rtol=1e-5, atol=1e-6 * scale, msg=k)
 
 
 def test_topk_errors_are_the_energy_left_out():
