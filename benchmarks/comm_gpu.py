@@ -7,7 +7,8 @@ World size 1 over NCCL, a stack of 24 Linear(4096, 4096) + ReLU layers (403M
 parameters) at batch 4096: the all-reduce of one rank is nearly free, so what is
 measured is the compression compute. Configurations, each on a fresh model:
 compute only (no DDP), plain DDP, torch's PowerSGD hook at rank 4, and each of
-ours. Before timing, every hook is checked against the oracle on two steps: at
+ours. Before timing, every hook is checked against the oracle on two steps (L-GreCo:
+its second decision step, the first that can change levels, and the next): at
 world size 1 the mean is the gradient itself, so the applied gradient plus the
 new residual must equal the true gradient (from autograd on the bare module)
 plus the old residual; lossless settings (checked on a 2 x 256 stack) must give
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import platform
 import statistics
 import time
@@ -103,8 +105,18 @@ def run_one(label: str, cfg: dict | None, args: argparse.Namespace) -> dict:
     state = getattr(hook, "state", None)
     for _ in range(START):
         step()
+    controller = getattr(state, "controller", None)
+    if controller is not None and len(controller.candidates) > 1:
+        # L-GreCo's first decision keeps the default (nothing measured yet): check the
+        # decision step that can change levels, and the step after it
+        while controller.decisions < 1 or not controller.due(state.step):
+            step()
     if hasattr(state, "errors"):
-        result["oracle_gap"] = max(_oracle_gap(model, net, opt, x, state) for _ in range(2))
+        checks = [_oracle_gap(model, net, opt, x, state) for _ in range(2)]
+        levels = [str(v) for v in state.levels.values()]
+        result["levels_at_check"] = {v: levels.count(v) for v in sorted(set(levels))}
+        result["oracle_worst"] = max(checks, key=lambda c: c["gap"])
+        result["oracle_gap"] = result["oracle_worst"]["gap"]
     if label in LOSSLESS:  # and nothing left behind: the gradient itself went through
         result["oracle_gap"] = max(
             result["oracle_gap"], *(float(e.abs().max()) for e in state.errors.values())
@@ -128,20 +140,30 @@ def run_one(label: str, cfg: dict | None, args: argparse.Namespace) -> dict:
     return result
 
 
-def _oracle_gap(model: nn.Module, net: nn.Module, opt, x: torch.Tensor, state) -> float:
-    """One hooked step; max over layers of |applied + e_new - g - e_old| / |g|_max."""
+def _oracle_gap(model: nn.Module, net: nn.Module, opt, x: torch.Tensor, state) -> dict:
+    """One hooked step; max over layers of |applied + e_new - g - e_old| / |g|_max (nan
+    counts as inf), with what the worst layer looked like (to tell a lost gradient, gap
+    1, from a wrong residual or output)."""
     params = [p for p in model.parameters() if p.requires_grad]
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     truth = torch.autograd.grad(model(x).square().mean(), params)  # the bare module: no hook
     before = {n: state.errors[n].clone() for n in names if n in state.errors}
+    step = state.step
     opt.zero_grad(set_to_none=True)
     net(x).square().mean().backward()
-    gap = 0.0
+    worst = {"gap": 0.0}
     for n, p, g in zip(names, params, truth, strict=True):
         zero = torch.zeros_like(g)
-        total = p.grad + state.errors.get(n, zero) - g - before.get(n, zero)
-        gap = max(gap, float(total.abs().max() / g.abs().max().clamp_min(1e-30)))
-    return gap
+        new, old = state.errors.get(n, zero), before.get(n, zero)
+        gap = float((p.grad + new - g - old).abs().max() / g.abs().max().clamp_min(1e-30))
+        gap = math.inf if math.isnan(gap) else gap
+        if gap >= worst["gap"]:
+            worst = {"gap": gap, "layer": n, "level": state.levels.get(n), "step": step}
+            worst |= {
+                key: float(t.abs().max())
+                for key, t in (("g", g), ("applied", p.grad), ("e_old", old), ("e_new", new))
+            }
+    return worst
 
 
 def _timed(step, steps: int, device: torch.device) -> list[float]:
