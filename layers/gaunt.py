@@ -23,7 +23,9 @@ which equals a "uuu" TensorProduct with path weights w1 w2 w3 g.
 
 Backends (the same module, the same numbers): "grid" samples both inputs on a
 Gauss-Legendre x uniform grid, multiplies pointwise and projects back by exact
-quadrature (`sh_grid.py`); "fft" goes through the 2-D Fourier basis and computes
+quadrature, one order m at a time (`sh_grid.py`); "dense" does the same with the
+transforms as two dense matrices, three GEMMs in all (`sh_dense.py`, fastest for
+small lmax); "fft" goes through the 2-D Fourier basis and computes
 the product as an FFT convolution (`sh_fourier.py`). "auto" picks per size and
 device from the measured crossover (`benchmarks/gaunt.py`).
 """
@@ -35,26 +37,31 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .sh_dense import DenseSampler
 from .sh_fourier import FourierSampler
 from .sh_grid import GridSampler
 from .spherical import degrees, sh_dim
 
-BACKENDS = ("auto", "grid", "fft")
+BACKENDS = ("auto", "dense", "grid", "fft")
 WEIGHTS = ("per_degree", None)
-# "auto" uses the FFT route when the total degree L1 + L2 + Lout reaches this, per device
-# type: the grid route was faster at every measured lmax, up to 12 on the CPU and 16 on
-# an H100 (benchmarks/results/gaunt_cpu.md, gaunt_cuda.md).
+# "auto" uses the dense route up to the total degree L1 + L2 + Lout in DENSE_UP_TO, the
+# FFT route from the one in FFT_FROM, the grid route in between, per device type
+# (crossovers measured with benchmarks/gaunt.py: results/gaunt_cpu.md, gaunt_cuda.md;
+# dense is unmeasured on a GPU, FFT was never faster than grid, up to lmax 16).
+DENSE_UP_TO = {"cpu": 18}
 FFT_FROM = {"cpu": math.inf, "cuda": math.inf}
 # On the CPU the rows are processed in chunks whose sampled values take about this many
 # bytes, so that the grid tensors stay in cache (the transforms are memory-bound).
 CHUNK_BYTES = 2**20
 
-Samplers = dict[str, "GridSampler | FourierSampler"]
+Samplers = dict[str, "DenseSampler | GridSampler | FourierSampler"]
 
 
 def choose_backend(total: int, device: torch.device) -> str:
     """The faster backend for products of total degree `total` (L1 + L2 + Lout) on `device`."""
-    return "fft" if total >= FFT_FROM.get(device.type, math.inf) else "grid"
+    if total >= FFT_FROM.get(device.type, math.inf):
+        return "fft"
+    return "dense" if total <= DENSE_UP_TO.get(device.type, -1) else "grid"
 
 
 def _check_lmax(**lmax: int) -> None:
@@ -143,12 +150,13 @@ class _SphereProduct(nn.Module):
         super().__init__()
         self.lmax_out, self.backend, self.total = lmax_out, backend, total
         self._samplers: Samplers = {
+            "dense": DenseSampler(total),
             "grid": GridSampler(total),
             "fft": FourierSampler(total, product),
         }
         self._degree_index: dict = {}
 
-    def sampler(self, x: Tensor) -> GridSampler | FourierSampler:
+    def sampler(self, x: Tensor) -> DenseSampler | GridSampler | FourierSampler:
         name = choose_backend(self.total, x.device) if self.backend == "auto" else self.backend
         return self._samplers[name]
 
@@ -181,7 +189,7 @@ class GauntTensorProduct(_SphereProduct):
     """Gaunt tensor product of (..., C, (L1+1)^2) and (..., C, (L2+1)^2) -> (..., C, (Lout+1)^2).
 
     Leading dimensions broadcast. `channels` is required with per-degree weights.
-    `backend`: "auto" (default), "grid" or "fft".
+    `backend`: "auto" (default), "dense", "grid" or "fft".
     """
 
     def __init__(
@@ -214,7 +222,11 @@ class GauntTensorProduct(_SphereProduct):
         x1 = x1.expand(*lead, x1.shape[-1]).reshape(-1, x1.shape[-1])
         x2 = x2.expand(*lead, x2.shape[-1]).reshape(-1, x2.shape[-1])
         sampler = self.sampler(x1)
-        out = _Product.apply(x1, x2, sampler, self.lmax_in1, self.lmax_in2, self.lmax_out)
+        if isinstance(sampler, DenseSampler):  # autograd keeps both samples: no recomputation
+            values = sampler.synthesis(x1, self.lmax_in1) * sampler.synthesis(x2, self.lmax_in2)
+            out = sampler.analysis(values, self.lmax_out).T
+        else:
+            out = _Product.apply(x1, x2, sampler, self.lmax_in1, self.lmax_in2, self.lmax_out)
         return self._output(out, lead)
 
     def extra_repr(self) -> str:

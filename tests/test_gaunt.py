@@ -15,7 +15,7 @@ import gradlane.layers.gaunt as gaunt_module
 from gradlane.layers import GauntSelfProduct, GauntTensorProduct
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-BACKENDS = ("grid", "fft")
+BACKENDS = ("dense", "grid", "fft")
 F64 = torch.float64
 
 
@@ -146,8 +146,41 @@ def test_backends_agree_in_float32():
     x1 = torch.randn(8, 16, 25)
     x2 = torch.randn(8, 16, 25)
     grid = GauntTensorProduct(4, 4, 4, weights=None, backend="grid")(x1, x2)
-    fft = GauntTensorProduct(4, 4, 4, weights=None, backend="fft")(x1, x2)
-    assert ((grid - fft).abs().max() / grid.abs().max()) < 1e-5
+    for backend in ("dense", "fft"):
+        other = GauntTensorProduct(4, 4, 4, weights=None, backend=backend)(x1, x2)
+        assert ((grid - other).abs().max() / grid.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_gradients_match_float64(backend):
+    """The float32 route (on the CPU oneDNN's matmul for "dense") to second order."""
+    module = GauntTensorProduct(3, 2, 3, channels=4, backend=backend).double()
+    random_weights(module)
+    x1 = torch.randn(6, 4, 16, dtype=F64, requires_grad=True)
+    x2 = torch.randn(6, 4, 9, dtype=F64, requires_grad=True)
+    g = torch.randn(6, 4, 16, dtype=F64)
+
+    def grads(mod, a, b):
+        first = torch.autograd.grad(mod(a, b), (a, b), g.to(a.dtype), create_graph=True)
+        second = torch.autograd.grad(first[0].square().sum() + first[1].sum(), (a, b))
+        return [*first, *second]
+
+    exact = grads(module, x1, x2)
+    single = grads(module.float(), *(x.detach().float().requires_grad_() for x in (x1, x2)))
+    for a, b in zip(single, exact, strict=True):
+        assert ((a.double() - b).abs().max() / b.abs().max()) < 1e-5
+
+
+def test_auto_backend_follows_the_measured_crossovers(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(gaunt_module, "FFT_FROM", {"cpu": 30})
+    assert [gaunt_module.choose_backend(t, cpu) for t in (6, 18, 19, 29, 30)] == [
+        "dense", "dense", "grid", "grid", "fft"
+    ]  # fmt: skip
+    assert gaunt_module.choose_backend(6, torch.device("cuda")) == "grid"
+    module = GauntTensorProduct(2, 2, 2, weights=None)
+    x = torch.randn(3, 9)
+    assert module.sampler(x) is module._samplers["dense"]
 
 
 def test_parity_only_even_paths():
