@@ -1,4 +1,4 @@
-"""Gaunt tensor product (grid and FFT backends) vs e3nn's TensorProduct, same quantity.
+"""Gaunt tensor product (dense, grid and FFT backends) vs e3nn's TensorProduct, same quantity.
 
     /work/bin/cpu-run bench .venv/bin/python benchmarks/gaunt.py            # CPU, B=64
     python benchmarks/gaunt.py --device cuda --out DIR                      # GPU, B=256
@@ -12,8 +12,8 @@ weights are the Gaunt factors g(l1, l2, l3) and whose weights are w1 w2 w3. Inpu
 are in each library's own layout (not timed). Time: median over interleaved
 rounds of forward, and of forward + backward (gradients of both inputs), fp32;
 "max rel diff" compares outputs and input gradients to e3nn's. Extra sizes
-(--backend-lmax) time the two backends alone, to find where FFT overtakes the
-grid. The CPU run also times one training step of the recipe's potential with
+(--backend-lmax) time the grid and FFT backends alone, to find where FFT overtakes
+the grid. The CPU run also times one training step of the recipe's potential with
 backbone=gaunt vs backbone=e3nn at the same width and lmax. Only torch, e3nn and
 numpy are needed on the --device cuda path. Writes gaunt_<device>.json and .md.
 """
@@ -36,7 +36,7 @@ import torch
 from machine import cpu_model
 
 from gradlane.layers import GauntTensorProduct
-from gradlane.layers.gaunt import FFT_FROM
+from gradlane.layers.gaunt import DENSE_UP_TO, FFT_FROM
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {4: 8.0, 8: 15.0}  # lmax -> speedup over e3nn required (CPU, fwd and fwd+bwd)
@@ -129,13 +129,14 @@ def compare(lmax: int, batch: int, channels: int, repeat: int, device, anchor: b
     x1 = torch.randn(batch, channels, d, generator=gen).to(device).requires_grad_()
     x2 = torch.randn(batch, channels, d, generator=gen).to(device).requires_grad_()
     ours = {}
-    for backend in ("grid", "fft"):
+    for backend in ("dense", "grid", "fft") if anchor else ("grid", "fft"):
         module = GauntTensorProduct(lmax, lmax, lmax, channels, backend=backend)
         with torch.no_grad():
             for p in module.parameters():
                 p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
         ours[backend] = module.to(device)
-    ours["fft"].load_state_dict(ours["grid"].state_dict())  # the weights e3nn's paths get
+    for module in ours.values():  # the weights e3nn's paths get
+        module.load_state_dict(ours["grid"].state_dict())
     cases = {f"ours {b}": (m, (x1, x2)) for b, m in ours.items()}
     diffs = {}
     if anchor:
@@ -284,6 +285,7 @@ def main() -> None:
         "lmax": args.lmax,
         "rows": rows,
         "fft_faster_from": faster[0] if faster else None,
+        "auto_rule_dense_up_to_total_degree": DENSE_UP_TO.get(device.type),
         "auto_rule_fft_from_total_degree": FFT_FROM.get(device.type),
         "model_step": step,
         "command": shlex.join(["python", "benchmarks/gaunt.py", *sys.argv[1:]]),

@@ -14,7 +14,10 @@ The quadrature is exact when f Y_lm has degree D <= 2 n_b - 1 in cos b and its
 azimuthal frequencies alias nowhere below L_out + 1: n_b = floor(D / 2) + 1,
 n_a = D + 1 with D = (degree of the sampled product) + L_out. Both steps are
 small dense products with the batch (R = all leading dims x channels) as the
-last, contiguous dimension, so every step is one GEMM over R.
+last, contiguous dimension, so every step is one GEMM over R. On the CPU,
+float32 GEMMs by a table go through oneDNN's matmul (`torch.ops.mkldnn`), which
+uses AVX-512 where MKL's sgemm (torch's default) may not: 1.6-2.5x faster on the
+AMD EPYC of `benchmarks/results/gaunt_cpu.md`.
 """
 
 from __future__ import annotations
@@ -45,17 +48,58 @@ def grid_nodes(total: int) -> tuple[Tensor, Tensor, Tensor]:
 
 @cache
 def synthesis_tables(lmax: int, total: int) -> tuple[Tensor, Tensor]:
-    """(polar (2L+1, n_b, L+1), azimuthal (n_a, 2L+1)) for sampling degree-`lmax` inputs."""
+    """(polar (2L+1, n_b, L+1), azimuthal (n_a, 2L+1) and its transpose) for sampling
+    degree-`lmax` inputs."""
     alpha, beta, _ = grid_nodes(total)
-    return polar_order_major(lmax, beta), azimuthal(lmax, alpha)
+    azim = azimuthal(lmax, alpha)
+    return polar_order_major(lmax, beta), azim, azim.T.contiguous()
 
 
 @cache
 def analysis_tables(lmax: int, total: int) -> tuple[Tensor, Tensor]:
-    """(azimuthal (2L+1, n_a) / n_a, polar (2L+1, L+1, n_b) x w_k / 2) for the projection."""
+    """(azimuthal (2L+1, n_a) / n_a and its transpose, polar (2L+1, L+1, n_b) x w_k / 2)
+    for the projection."""
     alpha, beta, weight = grid_nodes(total)
     polar = polar_order_major(lmax, beta) * (weight / 2)[None, :, None]
-    return azimuthal(lmax, alpha).T / len(alpha), polar.transpose(1, 2).contiguous()
+    azim = azimuthal(lmax, alpha) / len(alpha)
+    return azim.T.contiguous(), azim, polar.transpose(1, 2).contiguous()
+
+
+def _onednn_works() -> bool:
+    try:
+        x = torch.ones(2, 3)
+        return bool(torch.ops.mkldnn._linear_pointwise(x, x, None, "none", [None], "").sum() == 12)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+ONEDNN = torch.backends.mkldnn.is_available() and _onednn_works()
+
+
+def matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b; oneDNN's matmul (x @ w.T with row-major x) for float32 on the CPU, with the
+    row-major operand of b and b.T as x (no autograd: see `TableProduct`)."""
+    if not (ONEDNN and a.device.type == "cpu" and a.dtype == torch.float32):
+        return a @ b
+    if b.T.is_contiguous():
+        return torch.ops.mkldnn._linear_pointwise(b.T, a, None, "none", [None], "").T
+    return torch.ops.mkldnn._linear_pointwise(a, b.T, None, "none", [None], "")
+
+
+class TableProduct(torch.autograd.Function):
+    """table @ x for a constant table (given with its transpose). The gradient
+    x-bar = table.T @ y-bar is the same product with the transposed table, so every
+    order of derivative is one GEMM."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, table_t: Tensor, x: Tensor) -> Tensor:
+        ctx.save_for_backward(table, table_t)
+        return matmul(table, x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        table, table_t = ctx.saved_tensors
+        return None, None, TableProduct.apply(table_t, table, grad)
 
 
 class Sampler:
@@ -133,13 +177,13 @@ class GridSampler(Sampler):
     def synthesis(self, x: Tensor, lmax: int) -> Tensor:
         """(R, (lmax+1)^2) -> values (n_alpha, n_beta * R)."""
         build = lambda: synthesis_tables(lmax, self.total)  # noqa: E731
-        polar, azim = self.cached(("in", lmax), x, build)
+        polar, *azim = self.cached(("in", lmax), x, build)
         z = torch.bmm(polar, self.to_order_major(x, lmax))  # (2L+1, n_b, R)
-        return azim @ z.view(2 * lmax + 1, -1)
+        return TableProduct.apply(*azim, z.view(2 * lmax + 1, -1))
 
     def analysis(self, values: Tensor, lmax: int) -> Tensor:
         """values (n_alpha, n_beta * R) -> ((lmax+1)^2, R)."""
         build = lambda: analysis_tables(lmax, self.total)  # noqa: E731
-        azim, polar = self.cached(("out", lmax), values, build)
-        w = (azim @ values).view(2 * lmax + 1, self.n_beta, -1)
+        *azim, polar = self.cached(("out", lmax), values, build)
+        w = TableProduct.apply(*azim, values).view(2 * lmax + 1, self.n_beta, -1)
         return self.from_order_major(torch.bmm(polar, w), lmax)
