@@ -6,7 +6,7 @@ multiplied out: Y[p, lm] = Y_lm(a_j, b_k) at point p = (j, k), and
     values = x Y^T                       (R, (L+1)^2) -> (R, n_a n_b)
     x_lm   = sum_p q_p h_p Y[p, lm],     q_p = w_k / (2 n_a)      (n_a n_b) -> (L+1)^2
 
-one GEMM each (`TableProduct`). For small lmax these beat the per-order
+one GEMM each (`table_matmul`). For small lmax these beat the per-order
 transforms: the matrices are small, and one large GEMM has no per-order launches
 or layout gathers.
 """
@@ -18,7 +18,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
-from .sh_grid import Sampler, TableProduct, grid_nodes, grid_size
+from .sh_grid import Sampler, grid_nodes, grid_size, table_matmul
 from .spherical import azimuthal, polar, sh_dim
 
 
@@ -44,11 +44,11 @@ class DenseSampler(Sampler):
 
     def synthesis(self, x: Tensor, lmax: int) -> Tensor:
         """(R, (lmax+1)^2) -> values (n_alpha n_beta, R)."""
-        return TableProduct.apply(*self._tables(x, lmax)[:2], x.T)
+        return table_matmul(*self._tables(x, lmax)[:2], x.T)
 
     def analysis(self, values: Tensor, lmax: int) -> Tensor:
         """values (n_alpha n_beta, R) -> ((lmax+1)^2, R)."""
-        return TableProduct.apply(*self._tables(values, lmax)[2:], values)
+        return table_matmul(*self._tables(values, lmax)[2:], values)
 
     def _tables(self, like: Tensor, lmax: int) -> tuple[Tensor, ...]:
         return self.cached(("dense", lmax), like, lambda: dense_tables(lmax, self.total))

@@ -102,6 +102,14 @@ class TableProduct(torch.autograd.Function):
         return None, None, TableProduct.apply(table_t, table, grad)
 
 
+def table_matmul(table: Tensor, table_t: Tensor, x: Tensor) -> Tensor:
+    """table @ x, through `TableProduct` only when autograd records (no Function call
+    overhead inside the products' own forward and backward)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return TableProduct.apply(table, table_t, x)
+    return matmul(table, x)
+
+
 class Sampler:
     """Base of the samplers: tables built once per size in float64 (lru-cached), cast and
     moved once per (device, dtype) and kept, so a forward pass never copies host data."""
@@ -179,11 +187,11 @@ class GridSampler(Sampler):
         build = lambda: synthesis_tables(lmax, self.total)  # noqa: E731
         polar, *azim = self.cached(("in", lmax), x, build)
         z = torch.bmm(polar, self.to_order_major(x, lmax))  # (2L+1, n_b, R)
-        return TableProduct.apply(*azim, z.view(2 * lmax + 1, -1))
+        return table_matmul(*azim, z.view(2 * lmax + 1, -1))
 
     def analysis(self, values: Tensor, lmax: int) -> Tensor:
         """values (n_alpha, n_beta * R) -> ((lmax+1)^2, R)."""
         build = lambda: analysis_tables(lmax, self.total)  # noqa: E731
         *azim, polar = self.cached(("out", lmax), values, build)
-        w = TableProduct.apply(*azim, values).view(2 * lmax + 1, self.n_beta, -1)
+        w = table_matmul(*azim, values).view(2 * lmax + 1, self.n_beta, -1)
         return self.from_order_major(torch.bmm(polar, w), lmax)
