@@ -222,11 +222,7 @@ class GauntTensorProduct(_SphereProduct):
         x1 = x1.expand(*lead, x1.shape[-1]).reshape(-1, x1.shape[-1])
         x2 = x2.expand(*lead, x2.shape[-1]).reshape(-1, x2.shape[-1])
         sampler = self.sampler(x1)
-        if isinstance(sampler, DenseSampler):  # autograd keeps both samples: no recomputation
-            values = sampler.synthesis(x1, self.lmax_in1) * sampler.synthesis(x2, self.lmax_in2)
-            out = sampler.analysis(values, self.lmax_out).T
-        else:
-            out = _Product.apply(x1, x2, sampler, self.lmax_in1, self.lmax_in2, self.lmax_out)
+        out = _Product.apply(x1, x2, sampler, self.lmax_in1, self.lmax_in2, self.lmax_out)
         return self._output(out, lead)
 
     def extra_repr(self) -> str:
