@@ -47,7 +47,7 @@ def grid_nodes(total: int) -> tuple[Tensor, Tensor, Tensor]:
 
 
 @cache
-def synthesis_tables(lmax: int, total: int) -> tuple[Tensor, Tensor]:
+def synthesis_tables(lmax: int, total: int) -> tuple[Tensor, Tensor, Tensor]:
     """(polar (2L+1, n_b, L+1), azimuthal (n_a, 2L+1) and its transpose) for sampling
     degree-`lmax` inputs."""
     alpha, beta, _ = grid_nodes(total)
@@ -56,7 +56,7 @@ def synthesis_tables(lmax: int, total: int) -> tuple[Tensor, Tensor]:
 
 
 @cache
-def analysis_tables(lmax: int, total: int) -> tuple[Tensor, Tensor]:
+def analysis_tables(lmax: int, total: int) -> tuple[Tensor, Tensor, Tensor]:
     """(azimuthal (2L+1, n_a) / n_a and its transpose, polar (2L+1, L+1, n_b) x w_k / 2)
     for the projection."""
     alpha, beta, weight = grid_nodes(total)
@@ -77,8 +77,8 @@ ONEDNN = torch.backends.mkldnn.is_available() and _onednn_works()
 
 
 def matmul(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b; oneDNN's matmul (x @ w.T with row-major x) for float32 on the CPU, with the
-    row-major operand of b and b.T as x (no autograd: see `TableProduct`)."""
+    """a @ b. Float32 on the CPU goes to oneDNN's matmul, `_linear_pointwise(x, w)` = x @ w.T,
+    with the row-major one of b.T and b as x (no autograd: see `TableProduct`)."""
     if not (ONEDNN and a.device.type == "cpu" and a.dtype == torch.float32):
         return a @ b
     if b.T.is_contiguous():

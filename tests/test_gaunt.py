@@ -152,21 +152,25 @@ def test_backends_agree_in_float32():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_float32_gradients_match_float64(backend):
-    """The float32 route (on the CPU oneDNN's matmul for "dense") to second order."""
-    module = GauntTensorProduct(3, 2, 3, channels=4, backend=backend).double()
-    random_weights(module)
-    x1 = torch.randn(6, 4, 16, dtype=F64, requires_grad=True)
-    x2 = torch.randn(6, 4, 9, dtype=F64, requires_grad=True)
+@pytest.mark.parametrize("self_product", [False, True])
+def test_float32_gradients_match_float64(backend, self_product):
+    """The float32 route (on the CPU oneDNN's matmul for table products) to second order,
+    inside the product function and under autograd (the self-product)."""
+    if self_product:
+        module, dims = GauntSelfProduct(2, 3, 2, channels=4, backend=backend), (9,)
+    else:
+        module, dims = GauntTensorProduct(3, 2, 3, channels=4, backend=backend), (16, 9)
+    random_weights(module.double())
+    xs = [torch.randn(6, 4, d, dtype=F64, requires_grad=True) for d in dims]
     g = torch.randn(6, 4, 16, dtype=F64)
 
-    def grads(mod, a, b):
-        first = torch.autograd.grad(mod(a, b), (a, b), g.to(a.dtype), create_graph=True)
-        second = torch.autograd.grad(first[0].square().sum() + first[1].sum(), (a, b))
+    def grads(mod, inputs):
+        first = torch.autograd.grad(mod(*inputs), inputs, g.to(inputs[0].dtype), create_graph=True)
+        second = torch.autograd.grad(sum(f.square().sum() for f in first), inputs)
         return [*first, *second]
 
-    exact = grads(module, x1, x2)
-    single = grads(module.float(), *(x.detach().float().requires_grad_() for x in (x1, x2)))
+    exact = grads(module, xs)
+    single = grads(module.float(), [x.detach().float().requires_grad_() for x in xs])
     for a, b in zip(single, exact, strict=True):
         assert ((a.double() - b).abs().max() / b.abs().max()) < 1e-5
 
