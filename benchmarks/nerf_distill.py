@@ -5,12 +5,14 @@ loaded from `--cache-dir` where an earlier run (e.g. `--teacher-only`) left it:
 the teacher is given, as in the paper, and its training is not timed. Then an
 MLP is (a) distilled from the teacher and (b) trained from the images with the
 same rays and samples per step, and the tensorf and plenoxel students are
-distilled too. Every `--eval-every` student steps (`--scratch-eval-every` for
-the MLP from images) and at the last step each field renders all test views
-(outside the training clock). The common PSNR is the from-scratch MLP's final
-test PSNR; the table reports the training time each run takes to first reach
-it, the speed-up of distillation over training from images, and every field's
-final PSNR / SSIM.
+distilled too. The teacher's targets (samples, densities, colours, features,
+pixels) are computed for a pool of `--pool-rays` random-pose rays at once and
+reused for `--pool-refresh` steps (inside the distillation clock). Every
+`--eval-every` student steps (`--scratch-eval-every` for the MLP from images)
+and at the last step each field renders all test views (outside the training
+clock). The common PSNR is the from-scratch MLP's final test PSNR; the table
+reports the training time each run takes to first reach it, the speed-up of
+distillation over training from images, and every field's final PSNR / SSIM.
 
 Targets: distillation reaches the common PSNR >= 5x faster than training from
 images; every distilled student ends within 1 dB of its teacher.
@@ -35,6 +37,7 @@ from gradlane.layers import OccupancyGrid, build_field
 from gradlane.recipes.nerf_distill.data import load_views
 from gradlane.recipes.nerf_distill.distill import (
     GridSchedule,
+    LossWeights,
     RenderSettings,
     distill_fields,
     evaluate_views,
@@ -74,8 +77,18 @@ def _args() -> argparse.Namespace:
     p.add_argument("--teacher-steps", type=int, default=4000)
     p.add_argument("--teacher-rays", type=int, default=1024, help="rays per teacher step")
     p.add_argument("--scratch-steps", type=int, default=6000)
-    p.add_argument("--distill-steps", type=int, default=2500)
+    p.add_argument("--distill-steps", type=int, nargs="+", default=[2500],
+                   help="steps of each student (in --students order), or one for all")  # fmt: skip
     p.add_argument("--stage-ends", type=int, nargs=2, default=[50, 150])
+    p.add_argument("--loss-feature", type=float, default=0.1,
+                   help="weight of the stage-1 term (kept in stages 2-3)")  # fmt: skip
+    p.add_argument("--loss-rgb", type=float, default=4.0, help="weight of the stage-3 term")
+    p.add_argument("--pool-rays", type=int, default=16384,
+                   help="teacher targets computed for this many random-pose rays at once and "
+                   "reused (0: the teacher on fresh rays every step)")  # fmt: skip
+    p.add_argument("--pool-refresh", type=int, default=128,
+                   help="student steps between new pools (each ray is used "
+                   "refresh * rays / pool-rays times)")  # fmt: skip
     p.add_argument("--eval-every", type=int, default=250, help="test PSNR every N student steps")
     p.add_argument("--scratch-eval-every", type=int, default=500,
                    help="test PSNR every N steps of the MLP from images (its time to the "
@@ -188,15 +201,20 @@ def run(args: argparse.Namespace) -> dict:
                args.rays, args.seed + 1, GridSchedule(), s_curve)  # fmt: skip
     target = s_curve.final["psnr"]
 
-    students = {}
-    for arch in args.students.split(","):
-        print(f"hash -> {arch} distillation, {args.distill_steps} steps", flush=True)
+    students, archs = {}, args.students.split(",")
+    if len(args.distill_steps) not in (1, len(archs)):
+        raise SystemExit(f"--distill-steps: give one value or one per student ({len(archs)})")
+    per_student = args.distill_steps * (len(archs) if len(args.distill_steps) == 1 else 1)
+    steps = dict(zip(archs, per_student, strict=True))
+    for arch in archs:
+        print(f"hash -> {arch} distillation, {steps[arch]} steps", flush=True)
         student = _field(arch, args.seed + 2, device)
         d_settings = _settings(args, device, OccupancyGrid.from_state(t_settings.grid.state_dict()))
-        curve = Curve(student, test, d_settings, every, args.distill_steps, f"hash -> {arch}")
-        distill_fields(student, teacher, train, d_settings, args.distill_steps,
+        curve = Curve(student, test, d_settings, every, steps[arch], f"hash -> {arch}")
+        weights = LossWeights(feature=args.loss_feature, rgb=args.loss_rgb)
+        distill_fields(student, teacher, train, d_settings, steps[arch],
                        tuple(args.stage_ends), DISTILL_LR[arch], args.rays, args.seed + 2,
-                       on_step=curve)  # fmt: skip
+                       weights, curve, args.pool_rays, args.pool_refresh)  # fmt: skip
         students[arch] = curve
 
     scratch_time = s_curve.time_to(target)
@@ -214,7 +232,7 @@ def run(args: argparse.Namespace) -> dict:
     for arch, curve in students.items():
         seconds = curve.time_to(target)
         rows["students"][arch] = {
-            "steps": args.distill_steps,
+            "steps": steps[arch],
             "curve": curve.points,
             "seconds_to_target": seconds,
             "speedup": scratch_time / seconds if seconds else None,

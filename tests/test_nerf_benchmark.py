@@ -13,9 +13,9 @@ from conftest import ROOT
 
 SCRIPT = ROOT / "benchmarks" / "nerf_distill.py"
 TINY = ["--size", "16", "--train-views", "4", "--test-views", "2", "--teacher-steps", "6",
-        "--scratch-steps", "6", "--distill-steps", "6", "--eval-every", "3",
+        "--scratch-steps", "6", "--distill-steps", "6", "3", "--eval-every", "3",
         "--scratch-eval-every", "3", "--stage-ends", "2", "4", "--rays", "64", "--samples", "8",
-        "--students", "mlp,plenoxel"]  # fmt: skip
+        "--students", "mlp,plenoxel", "--pool-rays", "128", "--pool-refresh", "2"]  # fmt: skip
 
 
 def test_benchmark_imports_nothing_beyond_torch_numpy_and_pillow():
@@ -43,7 +43,8 @@ def _run(tmp_path, device: str) -> dict:
     assert result["target_psnr"] == result["scratch"]["psnr"]
     assert result["scratch"]["seconds_to_target"] is not None
     table = (out / f"{name}.md").read_text()
-    assert "| hash -> plenoxel (distilled) | 6 |" in table and "Target every student" in table
+    assert [p["step"] for p in result["students"]["plenoxel"]["curve"]] == [3]  # its own steps
+    assert "| hash -> plenoxel (distilled) | 3 |" in table and "Target every student" in table
     return result
 
 

@@ -15,6 +15,7 @@ from gradlane.recipes.nerf_distill.data import Views, load_views
 from gradlane.recipes.nerf_distill.distill import (
     GridSchedule,
     LossWeights,
+    Rays,
     RenderSettings,
     distill_fields,
     distill_loss,
@@ -25,6 +26,7 @@ from gradlane.recipes.nerf_distill.distill import (
     random_pose_rays,
     render_rays,
     stage_at,
+    teacher_targets,
 )
 from gradlane.recipes.nerf_distill.scene import generated_scene, look_at, sphere_position
 
@@ -59,7 +61,8 @@ def _error(student, teacher, views, settings) -> float:
     """Distance of the student to the teacher on fixed rays: sample and pixel terms."""
     rays = random_pose_rays(views, 256, torch.Generator().manual_seed(123))
     with torch.no_grad():
-        _, terms = distill_loss(student, teacher, rays, settings, 3, LossWeights(density=0.1))
+        taught = teacher_targets(teacher, rays, settings)
+        _, terms = distill_loss(student, taught, settings, 3, LossWeights(density=0.1))
     return sum(v.item() for k, v in terms.items() if k != "feature")
 
 
@@ -94,14 +97,39 @@ def test_stage_one_trains_only_the_representation(teachers):
     student = small_field("mlp", seed=3, bound=BOUND)
     settings = RenderSettings(BOUND, 16, torch.ones(3), grid)
     rays = random_pose_rays(_views(), 64, torch.Generator().manual_seed(0))
-    loss, terms = distill_loss(student, teacher, rays, settings, 1, LossWeights())
+    taught = teacher_targets(teacher, rays, settings)
+    loss, terms = distill_loss(student, taught, settings, 1, LossWeights())
     loss.backward()
     assert terms["density"] == 0 and terms["color"] == 0 and "rgb" not in terms
     assert all(p.grad.abs().sum() == 0 for p in student.color_head.parameters())
     assert all(p.grad.abs().sum() > 0 for p in student.layers.parameters())
-    _, terms = distill_loss(student, teacher, rays, settings, 3, LossWeights())
+    _, terms = distill_loss(student, taught, settings, 3, LossWeights())
     assert set(terms) == {"feature", "density", "color", "rgb"}
     assert all(v > 0 for v in terms.values())
+
+
+def test_pooled_teacher_targets_equal_a_direct_evaluation_of_the_same_rays(teachers):
+    """Targets computed once for a pool (in chunks) and picked by ray equal the teacher
+    rendered on just those rays, and so does the student's loss against them."""
+    teacher, grid = teachers["tensorf"]
+    settings = RenderSettings(BOUND, 16, torch.ones(3), grid)
+    rays = random_pose_rays(_views(), 300, torch.Generator().manual_seed(4))
+    pool = teacher_targets(teacher, rays, settings, chunk=64)  # bin centres: deterministic
+    pick = torch.tensor([299, 5, 17, 17, 0, 128, 64, 63])
+    picked = pool.select(pick)
+    direct = teacher_targets(teacher, Rays(rays.origins[pick], rays.dirs[pick]), settings)
+    hits = direct.valid.any(-1)
+    assert hits.any() and not hits.all()  # rays with samples and rays with none
+    for name in ("valid", "x", "d", "deltas", "share", "rgb"):
+        torch.testing.assert_close(getattr(picked, name), getattr(direct, name))
+    for a, b in zip(picked.out, direct.out, strict=True):
+        torch.testing.assert_close(a, b)
+    student = small_field("mlp", seed=1, bound=BOUND)
+    for stage in (1, 3):
+        torch.testing.assert_close(
+            distill_loss(student, picked, settings, stage, LossWeights())[0],
+            distill_loss(student, direct, settings, stage, LossWeights())[0],
+        )
 
 
 def test_random_poses_lie_in_the_training_cameras_range_and_see_the_scene():

@@ -21,12 +21,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gradlane.layers import (
+    FieldOutput,
     OccupancyGrid,
     RadianceField,
     blend_weights,
@@ -156,24 +158,98 @@ def first_stage(teacher: RadianceField, student: RadianceField) -> int:
     return 1 if both else 2
 
 
-def distill_loss(
-    student: nn.Module,
+@dataclass
+class TeacherTargets:
+    """The frozen teacher along a batch of rays: the valid-sample mask (R, S), the valid
+    samples' positions, directions and the deltas (R, S), the teacher's outputs there,
+    each sample's blending weight T_i alpha_i and the rendered pixel colours (R, 3)."""
+
+    valid: Tensor
+    x: Tensor
+    d: Tensor
+    deltas: Tensor
+    out: FieldOutput
+    share: Tensor
+    rgb: Tensor
+
+    @cached_property
+    def sample_index(self) -> Tensor:
+        """(R, S): where each valid sample's values sit in the ray-major compacted
+        tensors (x, d, out, share): the number of valid samples before it."""
+        return self.valid.flatten().cumsum(0).view_as(self.valid) - 1
+
+    def select(self, rays: Tensor) -> TeacherTargets:
+        """The targets of the rays with indices `rays` (1-D), in that order."""
+        valid = self.valid[rays]
+        index = self.sample_index[rays][valid]
+        f = self.out.feature
+        out = FieldOutput(self.out.log_density[index], self.out.rgb[index],
+                          None if f is None else f[index])  # fmt: skip
+        return TeacherTargets(valid, self.x[index], self.d[index], self.deltas[rays], out,
+                              self.share[index], self.rgb[rays])  # fmt: skip
+
+
+@torch.no_grad()
+def teacher_targets(
     teacher: RadianceField,
     rays: Rays,
     settings: RenderSettings,
+    generator: torch.Generator | None = None,
+    chunk: int = 4096,
+) -> TeacherTargets:
+    """Render `rays` (in chunks of `chunk` rays) through the frozen `teacher` and keep
+    what distillation compares against."""
+    parts = []
+    for o, d in zip(rays.origins.split(chunk), rays.dirs.split(chunk), strict=True):
+        taught = render_rays(teacher, Rays(o, d), settings, generator)
+        out, (valid, x, dirs, deltas) = taught.outputs
+        share = blend_weights(scatter_valid(torch.exp(out.log_density), valid), deltas)[valid]
+        parts.append(TeacherTargets(valid, x, dirs, deltas, out, share, taught.rgb))
+    if len(parts) == 1:
+        return parts[0]
+    f = parts[0].out.feature
+    out = FieldOutput(*(torch.cat([p.out[i] for p in parts]) for i in range(2)),
+                      None if f is None else torch.cat([p.out.feature for p in parts]))  # fmt: skip
+    return TeacherTargets(
+        *(torch.cat([getattr(p, k) for p in parts]) for k in ("valid", "x", "d", "deltas")),
+        out, *(torch.cat([getattr(p, k) for p in parts]) for k in ("share", "rgb")),
+    )  # fmt: skip
+
+
+class TeacherPool:
+    """Teacher targets computed once for `pool_rays` random-pose rays and reused: each
+    `batch` draws `n_rays` of them at random, and the pool is drawn anew after every
+    `refresh` batches, so the teacher costs 1/`reuse` of a fresh evaluation per step
+    where reuse = refresh * n_rays / pool_rays (the number of times a ray is used)."""
+
+    def __init__(self, teacher: RadianceField, views: Views, settings: RenderSettings,
+                 pool_rays: int, refresh: int, generator: torch.Generator):  # fmt: skip
+        self.teacher, self.views, self.settings = teacher, views, settings
+        self.pool_rays, self.refresh, self.generator = pool_rays, refresh, generator
+        self.used, self.targets = refresh, None
+
+    def batch(self, n_rays: int) -> TeacherTargets:
+        if self.used == self.refresh:
+            rays = random_pose_rays(self.views, self.pool_rays, self.generator)
+            self.targets = teacher_targets(self.teacher, rays, self.settings, self.generator)
+            self.used = 0
+        self.used += 1
+        pick = torch.randperm(self.pool_rays, generator=self.generator)[:n_rays]
+        return self.targets.select(pick.to(self.targets.valid.device))
+
+
+def distill_loss(
+    student: nn.Module,
+    taught: TeacherTargets,
+    settings: RenderSettings,
     stage: int,
     weights: LossWeights,
-    generator: torch.Generator | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The stage-`stage` PVD loss of `student` (possibly DDP-wrapped) against the frozen
-    `teacher` at the teacher's samples along `rays`; returns (loss, its terms)."""
-    with torch.no_grad():
-        taught = render_rays(teacher, rays, settings, generator)
-        t_out, points = taught.outputs
-        valid, deltas = points[0], points[3]
-        share = blend_weights(scatter_valid(torch.exp(t_out.log_density), valid), deltas)[valid]
-        share = share / share.sum().clamp(min=1e-6)
-    s_out = student(points[1], points[2])
+    teacher's targets `taught`; returns (loss, its terms)."""
+    t_out, valid, deltas = taught.out, taught.valid, taught.deltas
+    share = taught.share / taught.share.sum().clamp(min=1e-6)
+    s_out = student(taught.x, taught.d)
     # Stage 1 keeps the density and colour terms at weight 0, so that every parameter
     # gets a gradient in every step (what DDP's reduction expects).
     later = 1.0 if stage >= 2 else 0.0
@@ -301,18 +377,23 @@ def distill_fields(
     seed: int,
     weights: LossWeights | None = None,
     on_step: Callback | None = None,
+    pool_rays: int = 0,
+    refresh: int = 1,
 ) -> None:
     """Distill the frozen `teacher` into `student` on rays from random poses, using the
-    teacher's occupancy grid (`settings.grid`)."""
+    teacher's occupancy grid (`settings.grid`). With `pool_rays` the teacher's targets
+    come from a `TeacherPool` of that many rays drawn anew every `refresh` steps;
+    without, from fresh rays every step."""
     weights = weights or LossWeights()
     teacher.requires_grad_(False)
     opt, decay = adam(student, lr, steps)
     gen = torch.Generator().manual_seed(seed)
+    pool = TeacherPool(teacher, views, settings, pool_rays or n_rays,
+                       refresh if pool_rays else 1, gen)  # fmt: skip
     first = first_stage(teacher, student)
     for step in range(steps):
         stage = stage_at(step, stage_ends, first)
-        rays = random_pose_rays(views, n_rays, gen)
-        loss, _ = distill_loss(student, teacher, rays, settings, stage, weights, gen)
+        loss, _ = distill_loss(student, pool.batch(n_rays), settings, stage, weights)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

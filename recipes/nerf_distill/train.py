@@ -41,6 +41,7 @@ from .distill import (
     random_pose_rays,
     render_image,
     stage_at,
+    teacher_targets,
 )
 from .scene import generated_scene
 from .schema import NerfData, NerfModel
@@ -226,9 +227,8 @@ class NerfDistillTask(Task):
 
     def loss(self, model: nn.Module, batch: DistillBatch) -> torch.Tensor:
         teacher = self._ensure_teacher()
-        loss, _ = distill_loss(
-            model, teacher, batch.rays, self.settings, batch.stage, self.weights, batch.generator
-        )
+        taught = teacher_targets(teacher, batch.rays, self.settings, batch.generator)
+        loss, _ = distill_loss(model, taught, self.settings, batch.stage, self.weights)
         return loss
 
     def samples(self, batch: DistillBatch) -> int:
