@@ -83,9 +83,10 @@ def _args() -> argparse.Namespace:
     p.add_argument("--loss-feature", type=float, default=0.1,
                    help="weight of the stage-1 term (kept in stages 2-3)")  # fmt: skip
     p.add_argument("--loss-rgb", type=float, default=4.0, help="weight of the stage-3 term")
-    p.add_argument("--pool-rays", type=int, default=16384,
+    p.add_argument("--pool-rays", type=int, nargs="+", default=[16384],
                    help="teacher targets computed for this many random-pose rays at once and "
-                   "reused (0: the teacher on fresh rays every step)")  # fmt: skip
+                   "reused (0: the teacher on fresh rays every step); one per student or "
+                   "one for all")  # fmt: skip
     p.add_argument("--pool-refresh", type=int, default=128,
                    help="student steps between new pools (each ray is used "
                    "refresh * rays / pool-rays times)")  # fmt: skip
@@ -178,6 +179,13 @@ def _teacher(args, train, test, device) -> tuple[torch.nn.Module, RenderSettings
     return teacher, settings, curve.final
 
 
+def _per_student(values: list[int], archs: list[str], flag: str) -> dict[str, int]:
+    """{student: value} from one value for all or one per student."""
+    if len(values) not in (1, len(archs)):
+        raise SystemExit(f"{flag}: give one value or one per student ({len(archs)})")
+    return dict(zip(archs, values * (len(archs) if len(values) == 1 else 1), strict=True))
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if args.threads:
@@ -202,10 +210,8 @@ def run(args: argparse.Namespace) -> dict:
     target = s_curve.final["psnr"]
 
     students, archs = {}, args.students.split(",")
-    if len(args.distill_steps) not in (1, len(archs)):
-        raise SystemExit(f"--distill-steps: give one value or one per student ({len(archs)})")
-    per_student = args.distill_steps * (len(archs) if len(args.distill_steps) == 1 else 1)
-    steps = dict(zip(archs, per_student, strict=True))
+    steps = _per_student(args.distill_steps, archs, "--distill-steps")
+    pool_rays = _per_student(args.pool_rays, archs, "--pool-rays")
     for arch in archs:
         print(f"hash -> {arch} distillation, {steps[arch]} steps", flush=True)
         student = _field(arch, args.seed + 2, device)
@@ -214,7 +220,7 @@ def run(args: argparse.Namespace) -> dict:
         weights = LossWeights(feature=args.loss_feature, rgb=args.loss_rgb)
         distill_fields(student, teacher, train, d_settings, steps[arch],
                        tuple(args.stage_ends), DISTILL_LR[arch], args.rays, args.seed + 2,
-                       weights, curve, args.pool_rays, args.pool_refresh)  # fmt: skip
+                       weights, curve, pool_rays[arch], args.pool_refresh)  # fmt: skip
         students[arch] = curve
 
     scratch_time = s_curve.time_to(target)

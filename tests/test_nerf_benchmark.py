@@ -15,7 +15,7 @@ SCRIPT = ROOT / "benchmarks" / "nerf_distill.py"
 TINY = ["--size", "16", "--train-views", "4", "--test-views", "2", "--teacher-steps", "6",
         "--scratch-steps", "6", "--distill-steps", "6", "3", "--eval-every", "3",
         "--scratch-eval-every", "3", "--stage-ends", "2", "4", "--rays", "64", "--samples", "8",
-        "--students", "mlp,plenoxel", "--pool-rays", "128", "--pool-refresh", "2"]  # fmt: skip
+        "--students", "mlp,plenoxel", "--pool-rays", "128", "0", "--pool-refresh", "2"]  # fmt: skip
 
 
 def test_benchmark_imports_nothing_beyond_torch_numpy_and_pillow():
