@@ -10,12 +10,14 @@ Every configuration trains the same model from the same seed on the same data:
 compute only (each rank alone, no synchronisation), plain DDP, torch's PowerSGD
 and fp16 hooks (the anchors), our uniform PowerSGD / TopK / QSGD / fp16 and our
 L-GreCo variants. Each link runs every configuration for its steps: `loopback`
-(`--steps`, then the validation loss) and rate-limited links (`--timed-steps`).
+(`--steps`, then the validation loss) and rate-limited links (`--link-steps`, of
+which the last `--timed-steps` are timed: after L-GreCo's decisions when the run is
+longer than `--start-iter` + `--adjust-every`).
 As root every link is the loopback of a private network namespace, `tc tbf`
 rate-limited except `loopback`, so its byte counter holds our ranks' traffic
 alone: the bytes each rank really sent per step (TCP/IP headers included) are
 measured there beside the ring model's figure (`collective.py`). Step times are
-means over the steps after the `--start-iter` warm-up steps, next to the mean
+means over the timed steps (loopback: all after the `--start-iter` warm-up steps), next to the mean
 time of unsynchronised steps in the same run. Errors: measured, the residual
 error feedback carries over the gradient's energy, sum_t ||e'||^2 / sum_t ||g||^2
 over the steps after warm-up; predicted, the L-GreCo error model's figure at the
@@ -166,14 +168,15 @@ def _train(rank: int, spec: dict, cfg: dict | None) -> dict:
         t0 = time.perf_counter()
         loss = train_step(batch)
         elapsed = time.perf_counter() - t0
-        if step >= spec["start_iter"]:
+        if step >= spec["time_from"]:
             times.append(elapsed)
+        if step >= spec["start_iter"]:
             records.append(hook.metrics() if hook is not None else {})
 
     result = {"step_times_s": times}
     if cfg is None:
         return result
-    timed = len(times)
+    timed = len(records)
     if tx_start is not None and timed:  # inside our namespace: its loopback is ours alone
         dist.barrier()
         result["measured_sent_per_rank"] = (_tx_bytes() - tx_start) / spec["world"] / timed
@@ -297,13 +300,16 @@ def _compute_only(model, corpus, spec: dict, gen: torch.Generator) -> float:
 # ---------------------------------------------------------------- driver
 
 
-def run_one(label: str, entry: dict, args: argparse.Namespace, steps: int, world: int) -> dict:
+def run_one(
+    label: str, entry: dict, args: argparse.Namespace, steps: int, time_from: int, world: int
+) -> dict:
     cfg = entry["comm"]
     spec = {
         "comm": cfg,
         "world": world,
         "steps": steps,
         "start_iter": args.start_iter,
+        "time_from": time_from,
         "model": {
             "n_layer": args.n_layer,
             "n_head": args.n_head,
@@ -342,10 +348,15 @@ def run_one(label: str, entry: dict, args: argparse.Namespace, steps: int, world
 
 
 def run_link(link: str, world: int, labels: dict, args: argparse.Namespace) -> list[dict]:
-    steps = args.steps if link == "loopback" else args.timed_steps
-    print(f"[{link}, {world} ranks] {steps} steps per configuration", flush=True)
+    if link == "loopback":
+        steps, time_from = args.steps, args.start_iter
+    else:
+        steps = args.link_steps or args.start_iter + args.timed_steps
+        time_from = max(args.start_iter, steps - args.timed_steps)
+    print(f"[{link}, {world} ranks] {steps} steps per configuration, timed from step "
+          f"{time_from}", flush=True)  # fmt: skip
     return [
-        run_one(label, entry, args, steps, world)
+        run_one(label, entry, args, steps, time_from, world)
         for label, entry in labels.items()
         if link == "loopback" or not entry.get("loopback_only")
     ]
@@ -389,6 +400,15 @@ def netns_available() -> str | None:
 
 
 # ---------------------------------------------------------------- report
+
+
+def _link_timing(meta: dict) -> str:
+    """How the rate-limited links were run and timed (results older than `--link-steps`
+    ran `--timed-steps` steps and timed those after warm-up)."""
+    if "link_steps" not in meta:
+        return f"{meta['timed_steps']} steps, step time: mean over those after warm-up"
+    timed = min(meta["timed_steps"], meta["link_steps"] - meta["start_iter"])
+    return f"{meta['link_steps']} steps, step time: mean over the last {timed}"
 
 
 def targets(report: dict) -> list[dict]:
@@ -522,17 +542,18 @@ def markdown(report: dict) -> str:
         f"127.0.0.1), batch {meta['batch']} x {meta['context']} bytes per rank, "
         f"{meta['threads']} thread(s) per rank, bucket_cap_mb={meta['bucket_cap_mb']}, AdamW "
         f"lr {meta['lr']}; {meta['machine']}. Loopback: {meta['steps']} steps (validation "
-        f"loss after them); rate-limited links: {meta['timed_steps']} steps. Step time: mean "
-        f"over the steps after the {meta['start_iter']} warm-up steps; in brackets, its ratio "
-        f"to the mean time of {meta['compute_steps']} unsynchronised steps timed right after, "
-        "in the same run. Handed: the bytes one rank hands to the collectives per step "
-        "(measured by the hook; * computed for torch's hooks and plain DDP). Sent/rank: the "
-        "bytes each rank puts on the wire per step, † computed from the collectives' sizes "
-        "by the ring model (all-reduce 2(W-1)/W, all-gather W-1 payloads), and measured: "
-        "the namespace loopback's byte counter over the timed steps / W (TCP/IP headers "
-        "included; '-' where not root). vs all-reduce: plain DDP's sent/rank over this "
-        "one's. Measured error: sum ||e'||^2 / sum ||g||^2 over the steps after warm-up; "
-        "‡ predicted (computed): the error model's figure at the last decision.",
+        f"loss after them), step time: mean over the steps after the {meta['start_iter']} "
+        f"warm-up steps; rate-limited links: {_link_timing(meta)}. In brackets, the step "
+        f"time's ratio to the mean time of {meta['compute_steps']} unsynchronised steps "
+        "timed right after, in the same run. Handed: the bytes one rank hands to the "
+        "collectives per step (measured by the hook; * computed for torch's hooks and "
+        "plain DDP). Sent/rank: the bytes each rank puts on the wire per step, † computed "
+        "from the collectives' sizes by the ring model (all-reduce 2(W-1)/W, all-gather "
+        "W-1 payloads), and measured: the namespace loopback's byte counter over the steps "
+        "after warm-up / W (TCP/IP headers included; '-' where not root). vs all-reduce: "
+        "plain DDP's sent/rank over this one's. Measured error: sum ||e'||^2 / sum ||g||^2 "
+        "over the steps after warm-up; ‡ predicted (computed): the error model's figure at "
+        "the last decision.",
         "",
     ]
     if scaling:
@@ -577,7 +598,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke run")
     p.add_argument("--steps", type=int, default=100, help="steps per configuration on loopback")
-    p.add_argument("--timed-steps", type=int, default=20, help="steps on rate-limited links")
+    p.add_argument("--timed-steps", type=int, default=20, help="timed steps on rate-limited links")
+    p.add_argument(
+        "--link-steps",
+        type=int,
+        default=0,
+        help="steps on rate-limited links, the last --timed-steps timed "
+        "(default: --start-iter + --timed-steps)",
+    )
     p.add_argument("--links", default="loopback,100mbit", help="of: " + ", ".join(RATES))
     p.add_argument("--worlds", default="2", help="comma-separated world sizes (ranks)")
     p.add_argument("--only", default="", help="comma-separated configuration labels to run")
@@ -667,6 +695,7 @@ def main(argv: list[str] | None = None) -> None:
         "batch": args.batch,
         "steps": args.steps,
         "timed_steps": args.timed_steps,
+        "link_steps": args.link_steps or args.start_iter + args.timed_steps,
         "start_iter": args.start_iter,
         "rank": args.rank,
         "alpha": args.alpha,
