@@ -638,6 +638,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--render", type=Path, help="only rewrite the tables from this JSON")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)  # link:world:out (netns)
     args = p.parse_args(argv)
+    if args.link_steps and args.link_steps <= args.start_iter:
+        p.error(f"--link-steps={args.link_steps} must be 0 or above --start-iter={args.start_iter}")
     if args.quick:
         args.steps, args.timed_steps, args.start_iter = 12, 8, 3
         args.adjust_every, args.accumulate, args.warmup = 4, 2, 4
