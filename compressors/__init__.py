@@ -9,7 +9,7 @@ The math talks only to a `Collective` (all-reduce, all-gather, broadcast, rank,
 world size, byte counters); `TorchCollective` is its torch.distributed transport.
 """
 
-from .adaptive import Controller, choose, knapsack
+from .adaptive import Controller, choose, fitted, knapsack
 from .base import Compressor, Slot
 from .cast import Cast
 from .collective import Collective, TorchCollective, plain_mean
@@ -34,6 +34,7 @@ __all__ = [
     "TorchCollective",
     "choose",
     "compression_hook",
+    "fitted",
     "knapsack",
     "lgreco_hook",
     "orthogonalize",

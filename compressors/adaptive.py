@@ -30,12 +30,22 @@ only, while the real P^ spans the sum over ranks, so each rank's own part of M
 stays in its residual (on the lm GPT at 2 ranks the measured residual was 2 to
 3000 times the model's). So, as L-GreCo picks levels from errors it measures,
 the error is calibrated by measurement: at each decision, for every layer whose
-residual ||e||^2 was measured on all those steps, k_l(c) = measured / model at its
-current level c, and a candidate's error is
+residual ||e||^2 was measured on all those steps at its current level c, the
+steady-state relation gives the measured omega_m = R / (G + R) (R = sum ||e||^2),
+recorded with the model's omega_c. How the residual of other levels follows is
+not known from one level, and two fits agree at c: scaled, the model's residual
+times R / model(c) (what the one-rank model sees grows and shrinks with the
+level), and shifted, omega_c' + (omega_m - omega_c) where the measurement is above
+the model (the rank's own part of M that the shared P^ leaves behind does not
+shrink with the rank; below the model, omega is scaled by omega_m / omega_c). On
+the lm GPT, the scaled fit put head.weight's residual at rank 23 at 1/8 of what
+it then measured, and the shifted fit had 8 of 16 ranks cost far less than they
+did, so a candidate's error is the worse of the two:
 
-    err[l, c] = k_l(c*) G_l omega_c / (1 - omega_c),   c* the measured level nearest c
+    err[l, c'] = G_l max(odds(omega_c') odds(omega_m) / odds(omega_c), odds(w)),
+    odds(x) = x / (1 - x),  w the shifted omega,  c the measured level nearest c'
 
-(nearest in log level; k_l of a level is kept until that level is measured again).
+(nearest in log level; a level's measurement is kept until it is measured again).
 A layer not measured at any level yet keeps its level, so the first decision,
 after plain all-reduce steps, changes nothing. sum_l err[l, c_l] / sum_l G_l is the
 predicted relative error, next to which the hooks report the measured one
@@ -45,11 +55,12 @@ predicted relative error, next to which the hooks report the measured one
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import Tensor
 
-from .base import Compressor, Level, check_positive_int
+from .base import Compressor, Level, check_positive_int, square_norm
 from .collective import Collective
 
 OMEGA_MAX = 0.999  # a one-step relative error above this costs as much as 0.999 (999x G)
@@ -104,6 +115,22 @@ def choose(errors: Tensor, sizes: Tensor, default: Tensor, alpha: float, bins: i
     return torch.tensor(picks)
 
 
+def fitted(omega: Tensor, measured: Tensor, modelled: Tensor) -> Tensor:
+    """Each candidate's steady-state residual factor w / (1 - w) (times G, its residual)
+    from the model's `omega` and a level's measured and modelled omega: the larger of two
+    fits that agree at that level (module docstring). Scaled: the model's residual times
+    the measured / modelled residual there. Shifted: omega scaled down where the model is
+    above the measurement, else raised by the excess measured - modelled at every level."""
+
+    def odds(w: Tensor) -> Tensor:
+        return w / (1 - w)
+
+    scaled = odds(omega) * odds(measured) / odds(modelled)
+    below = measured <= modelled
+    shift = torch.where(below, measured / modelled * omega, omega + measured - modelled)
+    return torch.maximum(scaled, odds(shift.clamp(0.0, OMEGA_MAX)))
+
+
 class Controller:
     """When to measure and decide, the accumulated gradients, and the decision itself."""
 
@@ -136,8 +163,10 @@ class Controller:
         # over the measured steps, per layer: sums of omega (per candidate), ||g||^2, ||e||^2
         # and of the steps counted (seen, residual_seen)
         self.sums: dict[str, dict[str, Tensor]] = {}
-        self.calibration: dict[str, dict[Level, float]] = {}  # layer -> level -> k_l(level)
+        # layer -> level -> (measured omega, modelled omega) at its last measurement
+        self.calibration: dict[str, dict[Level, tuple[float, float]]] = {}
         self.decisions = 0
+        self.decision_s = 0.0  # wall time spent in `decide` (its collectives included)
         self.last: dict[str, float] = {}
 
     def due(self, step: int) -> bool:
@@ -160,7 +189,7 @@ class Controller:
         """Measure this step's one-step relative error omega of every candidate on the
         layer's M = g + e and add it, ||g||^2 and ||e||^2 (None: no residual yet) to the
         layer's sums; `ok` (a bool tensor) false leaves the step out (not finite)."""
-        energy = m.double().square().sum()
+        energy = square_norm(m)
         omega = self.compressor.errors(m, self.candidates, name) / energy.clamp_min(1e-300)
         add = {"omega": omega, "grad_sq": grad_sq.double(), "seen": torch.ones_like(energy)}
         if residual_sq is not None:
@@ -181,6 +210,7 @@ class Controller:
         Each rank predicts every candidate's residual on its own accumulated
         gradients; the table is summed over ranks, rank 0 solves the knapsack and
         broadcasts the choice. Layers whose error no rank has measured keep their level."""
+        start = time.perf_counter()
         names, cands = list(shapes), self.candidates
         table = torch.zeros(len(names), len(cands) + 2, dtype=torch.float64, device=device)
         seen = self.sums.get("seen", {})
@@ -218,29 +248,32 @@ class Controller:
         }
         self.decisions += 1
         self.sums.clear()
+        self.decision_s += time.perf_counter() - start
         return {n: cands[int(p)] for n, p in zip(names, picks, strict=True)}
 
     def _predict(self, name: str, level: Level) -> tuple[Tensor, bool]:
         """Each candidate's residual over the measured steps (module docstring), and
-        whether it rests on a measurement: the model G omega / (1 - omega), omega averaged
-        over the steps, times k_l of the measured level nearest the candidate. Records
-        k_l(level) when the residual at the current `level` was measured on every step
+        whether it rests on a measurement: G omega / (1 - omega), with the model's omega
+        (averaged over the steps) fitted to the measured level nearest the candidate.
+        Records the fit at the current `level` when its residual was measured on every step
         (where measured and model are both zero, the model stands as it is)."""
         sums = self.sums
+        grad_sq = sums["grad_sq"][name]
         omega = (sums["omega"][name] / sums["seen"][name].clamp_min(1)).clamp(0.0, OMEGA_MAX)
-        model = sums["grad_sq"][name] * omega / (1 - omega)
         residual_seen = sums.get("residual_seen", {}).get(name)
         measured = level in self.candidates and residual_seen is not None
         measured = measured and bool(residual_seen == sums["seen"][name])
         if measured:
-            predicted, residual = model[self.candidates.index(level)], sums["residual_sq"][name]
-            if bool(predicted > 0) and bool(residual > 0):
-                self.calibration.setdefault(name, {})[level] = float(residual / predicted)
+            modelled, residual = omega[self.candidates.index(level)], sums["residual_sq"][name]
+            if bool(modelled > 0) and bool(residual > 0):
+                steady = float(residual / (grad_sq + residual))  # ||e||^2 = w (||g||^2 + ||e||^2)
+                self.calibration.setdefault(name, {})[level] = (steady, float(modelled))
         known = self.calibration.get(name)
         if not known:
-            return model, measured
-        factors = [known[min(known, key=lambda k: abs(math.log(k / c)))] for c in self.candidates]
-        return model * torch.tensor(factors, dtype=model.dtype, device=model.device), True
+            return grad_sq * omega / (1 - omega), measured
+        fits = [known[min(known, key=lambda k: abs(math.log(k / c)))] for c in self.candidates]
+        measured_at, modelled_at = torch.tensor(fits, dtype=omega.dtype, device=omega.device).T
+        return grad_sq * fitted(omega, measured_at, modelled_at), True
 
     def state_dict(self) -> dict:
         sums = {k: dict(v) for k, v in self.sums.items()}

@@ -152,6 +152,12 @@ def _stack_view(run: list[Slot]) -> Tensor:
     return first.as_strided((len(run), *first.shape), (first.numel(), *first.stride()))
 
 
+def square_norm(a: Tensor, dim: int | None = None) -> Tensor:
+    """sum a^2 (over `dim`, else all), accumulated in float64 without a float64 copy of `a`
+    (a large one costs a fresh allocation and its page faults on every call)."""
+    return torch.linalg.vector_norm(a, dim=dim, dtype=torch.float64).square()
+
+
 def stable_seed(*parts: object) -> int:
     """A 63-bit seed from `parts`, the same in every process (unlike `hash`)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()

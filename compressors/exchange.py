@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from .adaptive import Controller
-from .base import Compressor, Level, Slot, health, outcome, stable_seed
+from .base import Compressor, Level, Slot, health, outcome, square_norm, stable_seed
 from .collective import Collective, plain_mean
 
 
@@ -216,7 +216,7 @@ class GradientExchange:
         grad_sq = norms.square() if scale is None else (norms / scale).square()
         for i, (name, m) in enumerate(zip(names, tensors, strict=True)):
             e = self.errors.get(name)
-            residual_sq = None if e is None else e.double().square().sum()
+            residual_sq = None if e is None else square_norm(e)
             m = m if scale is None else m / scale
             self.controller.observe(name, m, grad_sq[i], residual_sq, ok[i])
 

@@ -21,7 +21,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Compressor, Level, Slot, batches, check_positive_int, outcome, stable_seed
+from .base import (
+    Compressor,
+    Level,
+    Slot,
+    batches,
+    check_positive_int,
+    outcome,
+    square_norm,
+    stable_seed,
+)
 from .collective import Collective
 
 GRAM_SCHMIDT_MAX_RANK = 2  # beyond this, one QR call beats the column loop
@@ -110,8 +119,8 @@ class PowerSGD(Compressor):
             q = mat.t() @ p
         p = mat @ q
         orthogonalize(p)
-        kept = (p.t() @ mat).double().square().sum(1).cumsum(0)
-        total = mat.double().square().sum()
+        kept = square_norm(p.t() @ mat, dim=1).cumsum(0)
+        total = square_norm(mat)
         for i, level in enumerate(levels):
             if level in ranks:
                 out[i] = (total - kept[ranks[level] - 1]).clamp_min(0)
