@@ -75,10 +75,12 @@ def knapsack(costs: Tensor, weights: Tensor, capacity: int) -> list[int] | None:
     best = torch.full((capacity + 1,), torch.inf, dtype=torch.float64)  # min cost at weight w
     best[0] = 0.0
     back = torch.zeros(rows, capacity + 1, dtype=torch.int64)
-    at = torch.arange(capacity + 1)
+    pad = int(weights.max()) if weights.numel() else 0  # inf below weight 0: no clamp, no mask
+    padded = torch.full((pad + capacity + 1,), torch.inf, dtype=torch.float64)
+    at = torch.arange(pad, pad + capacity + 1)
     for layer in range(rows):
-        src = at - weights[layer].view(-1, 1)  # (choices, capacity + 1): weight before
-        prev = torch.where(src >= 0, best[src.clamp(min=0)], torch.inf)
+        padded[pad:] = best
+        prev = padded[at - weights[layer].view(-1, 1)]  # (choices, capacity + 1): weight before
         best, back[layer] = (prev + costs[layer].view(-1, 1).double()).min(0)  # first on ties
     cost, w = best.min(0)
     if cost.isinf():
