@@ -112,3 +112,51 @@ def test_build_field_rejects_unknown_names_and_wrong_types():
         build_field("tensorf", 1.0, resolution=2.5)
     with pytest.raises(ValueError, match=r"plenoxel.resolution=1 \(>= 2\).*out of range"):
         build_field("plenoxel", 1.0, resolution=1)
+
+
+def _brute_force_tv(grid: torch.Tensor) -> torch.Tensor:
+    """Plenoxels' TV of each channel of grid (C, R, R, R), voxel by voxel."""
+    channels, res = grid.shape[0], grid.shape[1]
+    total = [grid.new_zeros(()) for _ in range(channels)]
+    for c, i, j, k in itertools.product(range(channels), *(range(res - 1),) * 3):
+        v = grid[c, i, j, k]
+        dx, dy, dz = grid[c, i + 1, j, k] - v, grid[c, i, j + 1, k] - v, grid[c, i, j, k + 1] - v
+        total[c] = total[c] + torch.sqrt(dx * dx + dy * dy + dz * dz + 1e-8)
+    return torch.stack(total) / (res - 1) ** 3
+
+
+def test_plenoxel_total_variation_and_its_gradient_match_brute_force():
+    field = build_field("plenoxel", 1.0, resolution=4, sh_degree=2).double()
+    with torch.no_grad():
+        field.grid.normal_(generator=torch.Generator().manual_seed(0))
+    density, sh = field.total_variation()
+    tv = _brute_force_tv(field.grid[0])
+    torch.testing.assert_close(torch.stack([density, sh]), torch.stack([tv[0], tv[1:].mean()]))
+    weights = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    (grad,) = torch.autograd.grad((weights * torch.stack([density, sh])).sum(), field.grid)
+    per_channel = torch.cat([weights[:1], weights[1:].expand(12) / 12])
+    (expected,) = torch.autograd.grad((per_channel * tv).sum(), field.grid)
+    torch.testing.assert_close(grad, expected)
+    assert grad.abs().sum() > 0
+    flat = build_field("plenoxel", 1.0, resolution=4)  # a constant grid has TV sqrt(eps)
+    torch.testing.assert_close(flat.total_variation()[0], torch.tensor(1e-4))
+
+
+def test_plenoxel_upsampling_keeps_the_field_where_old_voxels_are_new_ones():
+    field = build_field("plenoxel", 1.0, resolution=5, sh_degree=2).double()
+    with torch.no_grad():
+        field.grid.normal_(generator=torch.Generator().manual_seed(1))
+    x, d = random_points(200, 2, bound=1.0)  # inside the grid
+    x, d = x.double(), d.double()
+    corners = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=3)), dtype=torch.float64)
+    before, at_corners = field(x, d), field.log_density(corners)
+    field.upsample(9)  # 9 - 1 = 2 (5 - 1): the trilinear field is exactly preserved
+    assert field.grid.shape == (1, 13, 9, 9, 9) and field.grid.requires_grad
+    after = field(x, d)
+    torch.testing.assert_close(after.log_density, before.log_density)
+    torch.testing.assert_close(after.rgb, before.rgb)
+    field.upsample(7)  # not a refinement: the field changes, but not at the corners
+    assert not torch.allclose(field.log_density(x), before.log_density)
+    torch.testing.assert_close(field.log_density(corners), at_corners)
+    with pytest.raises(ValueError, match=r"plenoxel.resolution=1"):
+        field.upsample(1)
