@@ -7,7 +7,10 @@ MLP is (a) distilled from the teacher and (b) trained from the images with the
 same rays and samples per step, and the tensorf and plenoxel students are
 distilled too. The teacher's targets (samples, densities, colours, features,
 pixels) are computed for a pool of `--pool-rays` random-pose rays at once and
-reused for `--pool-refresh` steps (inside the distillation clock). Every
+reused for `--pool-refresh` steps (inside the distillation clock). With
+`--plenoxel-upsample STEP RES` the Plenoxel student trains coarse to fine (its
+grid resampled to RES^3 at STEP); `--min-lr-ratio` sets where each student's
+learning rate ends. Every
 `--eval-every` student steps (`--scratch-eval-every` for the MLP from images)
 and at the last step each field renders all test views (outside the training
 clock). The common PSNR is the from-scratch MLP's final test PSNR; the table

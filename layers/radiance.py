@@ -327,22 +327,6 @@ class PlenoxelField(RadianceField):
     def log_density(self, x: Tensor) -> Tensor:
         return clamp_log_density(self._sample(x, slice(0, 1))[:, 0])
 
-    def total_variation(self) -> tuple[Tensor, Tensor]:
-        """The Plenoxels TV regulariser (Fridovich-Keil et al. 2022) of the
-        density and of the SH coefficients (mean over the SH channels):
-
-            TV = 1/|V| sum_v sqrt(dx(v)^2 + dy(v)^2 + dz(v)^2 + eps)
-
-        with d.(v) the forward difference to the next voxel along each axis, over the
-        voxels v that have a next voxel along all three, and eps = 1e-8."""
-        g = self.grid[0]
-        corner = g[:, :-1, :-1, :-1]
-        dx = g[:, 1:, :-1, :-1] - corner
-        dy = g[:, :-1, 1:, :-1] - corner
-        dz = g[:, :-1, :-1, 1:] - corner
-        tv = (dx.square() + dy.square() + dz.square() + 1e-8).sqrt().mean((1, 2, 3))
-        return tv[0], tv[1:].mean()
-
     @torch.no_grad()
     def upsample(self, resolution: int) -> None:
         """Resample the grid trilinearly to `resolution`^3 (a new parameter: rebuild the

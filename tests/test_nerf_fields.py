@@ -114,34 +114,6 @@ def test_build_field_rejects_unknown_names_and_wrong_types():
         build_field("plenoxel", 1.0, resolution=1)
 
 
-def _brute_force_tv(grid: torch.Tensor) -> torch.Tensor:
-    """Plenoxels' TV of each channel of grid (C, R, R, R), voxel by voxel."""
-    channels, res = grid.shape[0], grid.shape[1]
-    total = [grid.new_zeros(()) for _ in range(channels)]
-    for c, i, j, k in itertools.product(range(channels), *(range(res - 1),) * 3):
-        v = grid[c, i, j, k]
-        dx, dy, dz = grid[c, i + 1, j, k] - v, grid[c, i, j + 1, k] - v, grid[c, i, j, k + 1] - v
-        total[c] = total[c] + torch.sqrt(dx * dx + dy * dy + dz * dz + 1e-8)
-    return torch.stack(total) / (res - 1) ** 3
-
-
-def test_plenoxel_total_variation_and_its_gradient_match_brute_force():
-    field = build_field("plenoxel", 1.0, resolution=4, sh_degree=2).double()
-    with torch.no_grad():
-        field.grid.normal_(generator=torch.Generator().manual_seed(0))
-    density, sh = field.total_variation()
-    tv = _brute_force_tv(field.grid[0])
-    torch.testing.assert_close(torch.stack([density, sh]), torch.stack([tv[0], tv[1:].mean()]))
-    weights = torch.tensor([0.3, 0.7], dtype=torch.float64)
-    (grad,) = torch.autograd.grad((weights * torch.stack([density, sh])).sum(), field.grid)
-    per_channel = torch.cat([weights[:1], weights[1:].expand(12) / 12])
-    (expected,) = torch.autograd.grad((per_channel * tv).sum(), field.grid)
-    torch.testing.assert_close(grad, expected)
-    assert grad.abs().sum() > 0
-    flat = build_field("plenoxel", 1.0, resolution=4)  # a constant grid has TV sqrt(eps)
-    torch.testing.assert_close(flat.total_variation()[0], torch.tensor(1e-4))
-
-
 def test_plenoxel_upsampling_keeps_the_field_where_old_voxels_are_new_ones():
     field = build_field("plenoxel", 1.0, resolution=5, sh_degree=2).double()
     with torch.no_grad():
