@@ -108,7 +108,10 @@ def _args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--render", action="store_true", help="only redo table and plot from the JSON")
     p.add_argument("--teacher-only", action="store_true", help="only train and cache the teacher")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.plenoxel_upsample and args.plenoxel_upsample[1] < 2:
+        p.error(f"--plenoxel-upsample RES={args.plenoxel_upsample[1]} must be >= 2")
+    return args
 
 
 def _machine(device: torch.device) -> str:
