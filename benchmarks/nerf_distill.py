@@ -7,7 +7,10 @@ MLP is (a) distilled from the teacher and (b) trained from the images with the
 same rays and samples per step, and the tensorf and plenoxel students are
 distilled too. The teacher's targets (samples, densities, colours, features,
 pixels) are computed for a pool of `--pool-rays` random-pose rays at once and
-reused for `--pool-refresh` steps (inside the distillation clock). Every
+reused for `--pool-refresh` steps (inside the distillation clock). With
+`--plenoxel-upsample STEP RES` the Plenoxel student trains coarse to fine (its
+grid resampled to RES^3 at STEP); `--min-lr-ratio` sets where each student's
+learning rate ends. Every
 `--eval-every` student steps (`--scratch-eval-every` for the MLP from images)
 and at the last step each field renders all test views (outside the training
 clock). The common PSNR is the from-scratch MLP's final test PSNR; the table
@@ -90,6 +93,12 @@ def _args() -> argparse.Namespace:
     p.add_argument("--pool-refresh", type=int, default=128,
                    help="student steps between new pools (each ray is used "
                    "refresh * rays / pool-rays times)")  # fmt: skip
+    p.add_argument("--min-lr-ratio", type=float, nargs="+", default=[0.1],
+                   help="each student's learning rate decays exponentially to this fraction "
+                   "of its start; one per student or one for all")  # fmt: skip
+    p.add_argument("--plenoxel-upsample", type=int, nargs=2, metavar=("STEP", "RES"),
+                   help="coarse to fine: the plenoxel student's grid is resampled to RES^3 "
+                   "at STEP")  # fmt: skip
     p.add_argument("--eval-every", type=int, default=250, help="test PSNR every N student steps")
     p.add_argument("--scratch-eval-every", type=int, default=500,
                    help="test PSNR every N steps of the MLP from images (its time to the "
@@ -99,7 +108,10 @@ def _args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--render", action="store_true", help="only redo table and plot from the JSON")
     p.add_argument("--teacher-only", action="store_true", help="only train and cache the teacher")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.plenoxel_upsample and args.plenoxel_upsample[1] < 2:
+        p.error(f"--plenoxel-upsample RES={args.plenoxel_upsample[1]} must be >= 2")
+    return args
 
 
 def _machine(device: torch.device) -> str:
@@ -179,7 +191,7 @@ def _teacher(args, train, test, device) -> tuple[torch.nn.Module, RenderSettings
     return teacher, settings, curve.final
 
 
-def _per_student(values: list[int], archs: list[str], flag: str) -> dict[str, int]:
+def _per_student(values: list, archs: list[str], flag: str) -> dict:
     """{student: value} from one value for all or one per student."""
     if len(values) not in (1, len(archs)):
         raise SystemExit(f"{flag}: give one value or one per student ({len(archs)})")
@@ -212,15 +224,18 @@ def run(args: argparse.Namespace) -> dict:
     students, archs = {}, args.students.split(",")
     steps = _per_student(args.distill_steps, archs, "--distill-steps")
     pool_rays = _per_student(args.pool_rays, archs, "--pool-rays")
+    min_lr_ratio = _per_student(args.min_lr_ratio, archs, "--min-lr-ratio")
     for arch in archs:
         print(f"hash -> {arch} distillation, {steps[arch]} steps", flush=True)
         student = _field(arch, args.seed + 2, device)
         d_settings = _settings(args, device, OccupancyGrid.from_state(t_settings.grid.state_dict()))
         curve = Curve(student, test, d_settings, every, steps[arch], f"hash -> {arch}")
         weights = LossWeights(feature=args.loss_feature, rgb=args.loss_rgb)
+        upsample = args.plenoxel_upsample if arch == "plenoxel" else None
         distill_fields(student, teacher, train, d_settings, steps[arch],
                        tuple(args.stage_ends), DISTILL_LR[arch], args.rays, args.seed + 2,
-                       weights, curve, pool_rays[arch], args.pool_refresh)  # fmt: skip
+                       weights, curve, pool_rays[arch], args.pool_refresh,
+                       upsample and tuple(upsample), min_lr_ratio[arch])  # fmt: skip
         students[arch] = curve
 
     scratch_time = s_curve.time_to(target)

@@ -327,6 +327,17 @@ class PlenoxelField(RadianceField):
     def log_density(self, x: Tensor) -> Tensor:
         return clamp_log_density(self._sample(x, slice(0, 1))[:, 0])
 
+    @torch.no_grad()
+    def upsample(self, resolution: int) -> None:
+        """Resample the grid trilinearly to `resolution`^3 (a new parameter: rebuild the
+        optimizer). Where resolution - 1 is a multiple of the old resolution - 1 every
+        old voxel is a new one, and the field is unchanged everywhere."""
+        if resolution < 2:
+            raise ValueError(f"plenoxel.resolution={resolution} (>= 2): out of range")
+        size = (resolution,) * 3
+        grid = F.interpolate(self.grid, size=size, mode="trilinear", align_corners=True)
+        self.grid = nn.Parameter(grid)
+
 
 FIELDS: dict[str, type[RadianceField]] = {
     f.arch: f for f in (MLPField, HashField, TensoRFField, PlenoxelField)

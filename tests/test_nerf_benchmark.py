@@ -15,7 +15,8 @@ SCRIPT = ROOT / "benchmarks" / "nerf_distill.py"
 TINY = ["--size", "16", "--train-views", "4", "--test-views", "2", "--teacher-steps", "6",
         "--scratch-steps", "6", "--distill-steps", "6", "3", "--eval-every", "3",
         "--scratch-eval-every", "3", "--stage-ends", "2", "4", "--rays", "64", "--samples", "8",
-        "--students", "mlp,plenoxel", "--pool-rays", "128", "0", "--pool-refresh", "2"]  # fmt: skip
+        "--students", "mlp,plenoxel", "--pool-rays", "128", "0", "--pool-refresh", "2",
+        "--plenoxel-upsample", "2", "63", "--min-lr-ratio", "0.01", "0.1"]  # fmt: skip
 
 
 def test_benchmark_imports_nothing_beyond_torch_numpy_and_pillow():
@@ -44,6 +45,8 @@ def _run(tmp_path, device: str) -> dict:
     assert result["scratch"]["seconds_to_target"] is not None
     table = (out / f"{name}.md").read_text()
     assert [p["step"] for p in result["students"]["plenoxel"]["curve"]] == [3]  # its own steps
+    assert result["settings"]["plenoxel_upsample"] == [2, 63]
+    assert result["settings"]["min_lr_ratio"] == [0.01, 0.1]
     assert "| hash -> plenoxel (distilled) | 3 |" in table and "Target every student" in table
     return result
 

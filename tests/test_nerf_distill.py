@@ -10,13 +10,14 @@ import pytest
 import torch
 from nerf_utils import fit_analytic, small_field
 
-from gradlane.layers import FIELDS, OccupancyGrid
+from gradlane.layers import FIELDS, OccupancyGrid, build_field
 from gradlane.recipes.nerf_distill.data import Views, load_views
 from gradlane.recipes.nerf_distill.distill import (
     GridSchedule,
     LossWeights,
     Rays,
     RenderSettings,
+    adam,
     distill_fields,
     distill_loss,
     evaluate_views,
@@ -81,6 +82,41 @@ def test_distillation_lowers_the_students_error_to_the_teacher(teachers, pair):
                    n_rays=128, seed=0)  # fmt: skip
     after = _error(student, teacher, views, settings)
     assert after < 0.6 * before, (before, after)
+
+
+def test_coarse_to_fine_plenoxel_keeps_learning_on_its_finer_grid(teachers):
+    teacher, grid = teachers["hash"]
+    torch.manual_seed(11)
+    student = build_field("plenoxel", BOUND, resolution=8, sh_degree=2)
+    views = _views()
+    settings = RenderSettings(BOUND, 16, torch.ones(3), grid)
+    errors = {0: _error(student, teacher, views, settings)}
+
+    def record(step: int) -> None:
+        if step in (30, 60):
+            errors[step] = _error(student, teacher, views, settings)
+
+    distill_fields(student, teacher, views, settings, steps=60, stage_ends=(10, 25), lr=0.2,
+                   n_rays=128, seed=0, on_step=record, upsample=(30, 15))  # fmt: skip
+    assert student.grid.shape == (1, 13, 15, 15, 15)
+    assert errors[60] < 0.8 * errors[30] < 0.8 * errors[0], errors
+    with pytest.raises(ValueError, match=r"upsample=\(30, 15\) needs a plenoxel student"):
+        distill_fields(small_field("mlp"), teacher, views, settings, steps=1, stage_ends=(0, 0),
+                       lr=0.1, n_rays=8, seed=0, upsample=(30, 15))  # fmt: skip
+
+
+def test_adam_decays_to_its_min_lr_ratio_and_resumes_at_a_later_step():
+    model = torch.nn.Linear(2, 2)
+    opt, decay = adam(model, 0.5, 10, min_lr_ratio=0.01)
+    lrs = []
+    for _ in range(12):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        decay()
+    expected = [0.5 * 0.01 ** min(s / 10, 1.0) for s in range(12)]
+    torch.testing.assert_close(torch.tensor(lrs), torch.tensor(expected))
+    resumed, _ = adam(model, 0.5, 10, start=4, min_lr_ratio=0.01)
+    assert math.isclose(resumed.param_groups[0]["lr"], expected[4])
 
 
 def test_stages_start_at_two_without_a_shared_representation(teachers):

@@ -112,3 +112,23 @@ def test_build_field_rejects_unknown_names_and_wrong_types():
         build_field("tensorf", 1.0, resolution=2.5)
     with pytest.raises(ValueError, match=r"plenoxel.resolution=1 \(>= 2\).*out of range"):
         build_field("plenoxel", 1.0, resolution=1)
+
+
+def test_plenoxel_upsampling_keeps_the_field_where_old_voxels_are_new_ones():
+    field = build_field("plenoxel", 1.0, resolution=5, sh_degree=2).double()
+    with torch.no_grad():
+        field.grid.normal_(generator=torch.Generator().manual_seed(1))
+    x, d = random_points(200, 2, bound=1.0)  # inside the grid
+    x, d = x.double(), d.double()
+    corners = torch.tensor(list(itertools.product((-1.0, 1.0), repeat=3)), dtype=torch.float64)
+    before, at_corners = field(x, d), field.log_density(corners)
+    field.upsample(9)  # 9 - 1 = 2 (5 - 1): the trilinear field is exactly preserved
+    assert field.grid.shape == (1, 13, 9, 9, 9) and field.grid.requires_grad
+    after = field(x, d)
+    torch.testing.assert_close(after.log_density, before.log_density)
+    torch.testing.assert_close(after.rgb, before.rgb)
+    field.upsample(7)  # not a refinement: the field changes, but not at the corners
+    assert not torch.allclose(field.log_density(x), before.log_density)
+    torch.testing.assert_close(field.log_density(corners), at_corners)
+    with pytest.raises(ValueError, match=r"plenoxel.resolution=1"):
+        field.upsample(1)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from gradlane.layers import (
     FieldOutput,
     OccupancyGrid,
+    PlenoxelField,
     RadianceField,
     blend_weights,
     camera_rays,
@@ -313,12 +314,18 @@ def update_grid(
     return settings.grid.update(model.density, threshold, gen)
 
 
-def adam(model: nn.Module, lr: float, steps: int) -> tuple[torch.optim.Optimizer, Callable]:
+def adam(
+    model: nn.Module, lr: float, steps: int, start: int = 0, min_lr_ratio: float = 0.1
+) -> tuple[torch.optim.Optimizer, Callable]:
     """Adam (eps 1e-15, as Instant-NGP) with the learning rate decaying exponentially to
-    lr / 10 over `steps`; returns (optimizer, scheduler step)."""
+    lr * min_lr_ratio over `steps`, lr_s = lr min_lr_ratio^(s / steps), from step
+    `start` on; returns (optimizer, scheduler step)."""
     opt = torch.optim.Adam(model.parameters(), lr=lr, eps=1e-15)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 ** min(s / max(steps, 1), 1.0))
-    return opt, sched.step
+
+    def factor(s: int) -> float:
+        return min_lr_ratio ** min((start + s) / max(steps, 1), 1.0)
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor).step
 
 
 @dataclass
@@ -379,19 +386,29 @@ def distill_fields(
     on_step: Callback | None = None,
     pool_rays: int = 0,
     refresh: int = 1,
+    upsample: tuple[int, int] | None = None,
+    min_lr_ratio: float = 0.1,
 ) -> None:
     """Distill the frozen `teacher` into `student` on rays from random poses, using the
     teacher's occupancy grid (`settings.grid`). With `pool_rays` the teacher's targets
     come from a `TeacherPool` of that many rays drawn anew every `refresh` steps;
-    without, from fresh rays every step."""
+    without, from fresh rays every step. The learning rate decays from `lr` to
+    `lr` * `min_lr_ratio` (`adam`). `upsample` = (step, resolution): coarse to
+    fine as in Plenoxels, a `PlenoxelField` student's grid is resampled trilinearly to
+    resolution^3 at that step and Adam starts afresh (the decay goes on)."""
+    if upsample is not None and not isinstance(student, PlenoxelField):
+        raise ValueError(f"upsample={upsample} needs a plenoxel student, not {student.arch}")
     weights = weights or LossWeights()
     teacher.requires_grad_(False)
-    opt, decay = adam(student, lr, steps)
+    opt, decay = adam(student, lr, steps, min_lr_ratio=min_lr_ratio)
     gen = torch.Generator().manual_seed(seed)
     pool = TeacherPool(teacher, views, settings, pool_rays or n_rays,
                        refresh if pool_rays else 1, gen)  # fmt: skip
     first = first_stage(teacher, student)
     for step in range(steps):
+        if upsample is not None and step == upsample[0]:
+            student.upsample(upsample[1])
+            opt, decay = adam(student, lr, steps, step, min_lr_ratio)
         stage = stage_at(step, stage_ends, first)
         loss, _ = distill_loss(student, pool.batch(n_rays), settings, stage, weights)
         opt.zero_grad(set_to_none=True)
