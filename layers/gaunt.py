@@ -47,12 +47,13 @@ WEIGHTS = ("per_degree", None)
 # "auto" uses the dense route up to the total degree L1 + L2 + Lout in DENSE_UP_TO, the
 # FFT route from the one in FFT_FROM, the grid route in between, per device type
 # (crossovers measured with benchmarks/gaunt.py: results/gaunt_cpu.md, gaunt_cuda.md;
-# dense is unmeasured on a GPU, FFT was never faster than grid, up to lmax 16).
+# dense is unmeasured on a GPU, FFT was never faster than grid, up to lmax 24).
 DENSE_UP_TO = {"cpu": 18}
 FFT_FROM = {"cpu": math.inf, "cuda": math.inf}
 # On the CPU the rows are processed in chunks whose sampled values take about this many
-# bytes, so that the grid tensors stay in cache (the transforms are memory-bound).
-CHUNK_BYTES = 2**20
+# bytes, so that the grid tensors stay in cache (the transforms are memory-bound); 2 MiB
+# was the fastest of 128 KiB .. 16 MiB at lmax 4 and 8 (AMD EPYC, 2 threads).
+CHUNK_BYTES = 2**21
 
 Samplers = dict[str, "DenseSampler | GridSampler | FourierSampler"]
 
@@ -79,10 +80,14 @@ def _check_options(channels: int | None, weights: str | None, backend: str) -> N
         raise ValueError(f"channels={channels!r} must be an integer >= 1 with per-degree weights")
 
 
-def _chunk_rows(sampler, x: Tensor) -> int:
+def _chunk_rows(sampler, x: Tensor, multiple: int = 1) -> int:
+    """Rows per chunk: all on a GPU; on the CPU about CHUNK_BYTES of samples. A multiple of
+    `multiple` (the channels, so that a chunk's per-channel weights are one fixed tile)."""
     if x.device.type != "cpu":
-        return max(x.shape[0], 1)
-    return max(64, CHUNK_BYTES // (sampler.n_alpha * sampler.n_beta * x.element_size()))
+        rows = max(x.shape[0], 1)
+    else:
+        rows = max(64, CHUNK_BYTES // (sampler.n_alpha * sampler.n_beta * x.element_size()))
+    return -(-rows // multiple) * multiple
 
 
 class _Product(torch.autograd.Function):
@@ -141,6 +146,69 @@ class _ProductPair(torch.autograd.Function):
         grad_x1 = _Product.apply(grad2, g, sampler, lmax2, lmax, lmax1)
         grad_x2 = _Product.apply(grad1, g, sampler, lmax1, lmax, lmax2)
         return grad_g, grad_x1, grad_x2, None, None, None, None
+
+
+def _scale(x: Tensor, weight: Tensor | None) -> Tensor:
+    """x (N C, dims) times the per-channel weight (C, dims), row n C + c scaled by weight[c]."""
+    if weight is None:
+        return x
+    return (x.unflatten(0, (-1, weight.shape[0])) * weight).flatten(0, 1)
+
+
+class _WeightedProduct(torch.autograd.Function):
+    """out = w3 P_L((w1 x1)(w2 x2)), rows n C + c weighted by channel c (weights (C, dims)
+    or None), in chunks of whole channel groups: the weighted inputs exist only one chunk
+    at a time, so a forward allocates its output and no full-size temporaries.
+
+    The backward is made of differentiable operations (`_scale`, `_ProductPair`), so
+    higher derivatives stay exact; it saves the inputs, and the unweighted product only
+    when w3 needs a gradient (recomputed under `create_graph`, to stay differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x1, x2, w1, w2, w3, sampler, lmax1, lmax2, lmax):
+        channels = 1 if w1 is None else w1.shape[0]
+        step = _chunk_rows(sampler, x1, channels)
+        out = x1.new_empty(x1.shape[0], sh_dim(lmax))
+        keep = w3 is not None and ctx.needs_input_grad[4]
+        product = torch.empty_like(out) if keep else None
+        for s in range(0, x1.shape[0], step):
+            n = min(step, x1.shape[0] - s)
+            values = sampler.synthesis(_scale(x1[s : s + n], w1), lmax1)
+            values.mul_(sampler.synthesis(_scale(x2[s : s + n], w2), lmax2))
+            p = sampler.analysis(values, lmax).T
+            if keep:
+                product[s : s + n] = p
+            if w3 is None:
+                out[s : s + n] = p
+            else:
+                torch.mul(
+                    p.unflatten(0, (-1, channels)),
+                    w3,
+                    out=out[s : s + n].unflatten(0, (-1, channels)),
+                )
+        ctx.save_for_backward(x1, x2, w1, w2, w3, product)
+        ctx.meta = (sampler, lmax1, lmax2, lmax)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x1, x2, w1, w2, w3, product = ctx.saved_tensors
+        sampler, lmax1, lmax2, lmax = ctx.meta
+        a, b = _scale(x1, w1), _scale(x2, w2)
+        ga, gb = _ProductPair.apply(_scale(grad, w3), a, b, sampler, lmax, lmax1, lmax2)
+        gw3 = None
+        if ctx.needs_input_grad[4]:
+            if torch.is_grad_enabled():
+                product = _Product.apply(a, b, sampler, lmax1, lmax2, lmax)
+            gw3 = _channel_sum(grad * product, w3)
+        gw1 = _channel_sum(ga * x1, w1) if ctx.needs_input_grad[2] else None
+        gw2 = _channel_sum(gb * x2, w2) if ctx.needs_input_grad[3] else None
+        return _scale(ga, w1), _scale(gb, w2), gw1, gw2, gw3, None, None, None, None
+
+
+def _channel_sum(x: Tensor, weight: Tensor) -> Tensor:
+    """(N C, dims) -> (C, dims): the sum over the rows of each channel."""
+    return x.unflatten(0, (-1, weight.shape[0])).sum(0)
 
 
 class _SphereProduct(nn.Module):
@@ -215,15 +283,20 @@ class GauntTensorProduct(_SphereProduct):
     def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
         self._check(x1, self.lmax_in1, "x1")
         self._check(x2, self.lmax_in2, "x2")
-        if self.weighted:
-            x1 = x1 * self._per_degree(self.weight1, self.lmax_in1)
-            x2 = x2 * self._per_degree(self.weight2, self.lmax_in2)
         lead = torch.broadcast_shapes(x1.shape[:-1], x2.shape[:-1])
         x1 = x1.expand(*lead, x1.shape[-1]).reshape(-1, x1.shape[-1])
         x2 = x2.expand(*lead, x2.shape[-1]).reshape(-1, x2.shape[-1])
-        sampler = self.sampler(x1)
-        out = _Product.apply(x1, x2, sampler, self.lmax_in1, self.lmax_in2, self.lmax_out)
-        return self._output(out, lead)
+        weights = [None] * 3
+        if self.weighted:
+            pairs = zip(
+                (self.weight1, self.weight2, self.weight_out),
+                (self.lmax_in1, self.lmax_in2, self.lmax_out),
+                strict=True,
+            )
+            weights = [self._per_degree(w, lmax) for w, lmax in pairs]
+        lmaxes = (self.lmax_in1, self.lmax_in2, self.lmax_out)
+        out = _WeightedProduct.apply(x1, x2, *weights, self.sampler(x1), *lmaxes)
+        return out.reshape(*lead, out.shape[-1])
 
     def extra_repr(self) -> str:
         return (

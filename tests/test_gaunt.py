@@ -213,6 +213,25 @@ def test_gradcheck_to_second_order_across_chunks(backend, monkeypatch):
     assert torch.allclose(g1, h1, atol=1e-12) and torch.allclose(g2, h2, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_gradcheck_to_second_order_across_chunks(backend, monkeypatch):
+    """The per-degree weights are applied chunk by chunk inside the product: their first
+    and second derivatives (with the inputs') are checked numerically over several
+    chunks of whole channel groups (64 rows at least, here 3 channels -> 66 rows)."""
+    monkeypatch.setattr(gaunt_module, "CHUNK_BYTES", 1)
+    module = GauntTensorProduct(2, 1, 2, channels=3, backend=backend).double()
+    names = ("weight1", "weight2", "weight_out")
+    weights = [(torch.rand_like(getattr(module, n)) + 0.5).requires_grad_() for n in names]
+    x1 = torch.randn(23, 3, 9, dtype=F64, requires_grad=True)
+    x2 = torch.randn(23, 3, 4, dtype=F64, requires_grad=True)
+
+    def product(x1, x2, *w):
+        return torch.func.functional_call(module, dict(zip(names, w, strict=True)), (x1, x2))
+
+    assert gradcheck(product, (x1, x2, *weights))
+    assert gradgradcheck(product, (x1, x2, *weights))
+
+
 def test_any_leading_shape_and_broadcasting():
     module = GauntTensorProduct(2, 2, 2, channels=4)
     x1 = torch.randn(2, 3, 5, 4, 9)
