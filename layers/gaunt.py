@@ -48,7 +48,7 @@ WEIGHTS = ("per_degree", None)
 # FFT route from the one in FFT_FROM, the grid route in between, per device type
 # (crossovers measured with benchmarks/gaunt.py: results/gaunt_cpu.md, gaunt_cuda.md;
 # dense is unmeasured on a GPU, FFT was never faster than grid, up to lmax 24).
-DENSE_UP_TO = {"cpu": 18}
+DENSE_UP_TO = {"cpu": 24}
 FFT_FROM = {"cpu": math.inf, "cuda": math.inf}
 # On the CPU the rows are processed in chunks whose sampled values take about this many
 # bytes, so that the grid tensors stay in cache (the transforms are memory-bound); 2 MiB

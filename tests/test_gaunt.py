@@ -178,7 +178,7 @@ def test_float32_gradients_match_float64(backend, self_product):
 def test_auto_backend_follows_the_measured_crossovers(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(gaunt_module, "FFT_FROM", {"cpu": 30})
-    assert [gaunt_module.choose_backend(t, cpu) for t in (6, 18, 19, 29, 30)] == [
+    assert [gaunt_module.choose_backend(t, cpu) for t in (6, 24, 25, 29, 30)] == [
         "dense", "dense", "grid", "grid", "fft"
     ]  # fmt: skip
     assert gaunt_module.choose_backend(6, torch.device("cuda")) == "grid"
