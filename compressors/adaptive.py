@@ -321,8 +321,10 @@ class Controller:
     def state_dict(self) -> dict:
         sums = {k: dict(v) for k, v in self.sums.items()}
         calibration = {k: dict(v) for k, v in self.calibration.items()}
+        previous = {k: (dict(step), ok) for k, (step, ok) in self.previous.items()}
         return {
             "sums": sums,
+            "previous": previous,
             "calibration": calibration,
             "decisions": self.decisions,
             "last": dict(self.last),
@@ -330,6 +332,7 @@ class Controller:
 
     def load_state_dict(self, state: dict) -> None:
         self.sums = {k: dict(v) for k, v in state["sums"].items()}
+        self.previous = {k: (dict(step), ok) for k, (step, ok) in state.get("previous", {}).items()}
         self.calibration = {k: dict(v) for k, v in state.get("calibration", {}).items()}
         self.decisions = state["decisions"]
         self.last = dict(state["last"])
