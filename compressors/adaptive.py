@@ -31,25 +31,28 @@ stays in its residual (on the lm GPT at 2 ranks the measured residual was 2 to
 3000 times the model's). So, as L-GreCo picks levels from errors it measures,
 the error is calibrated by measurement: at each decision, for every layer whose
 residual ||e||^2 was measured on all those steps at its current level c, the
-measured omega_m is recorded with the model's omega_c. Each residual is set against
-the step it came from: on pairs of consecutive measured steps (||e_t||^2 is known
-at step t + 1), with R = sum ||e_t||^2 and G = sum ||g_t||^2 over them,
+measured omega_m = R / (G + R) (the steady-state relation, R = sum ||e||^2, G = sum
+||g||^2) is recorded with the model's omega_c. For a biased codec (PowerSGD, TopK)
+the residual persists and correlates with the gradient, and R is the residuals
+entering the measured steps. For an unbiased one (QSGD, `unbiased`: E[D(C(M))] = M)
+the residual is fresh rounding noise, ||e_t||^2 ~ omega ||M_t||^2 each step, and it
+is set against the step that left it: on pairs of consecutive measured steps
+(||e_t||^2 is known at step t + 1), with R = sum ||e_t||^2, R_in = sum ||e_(t-1)||^2,
+E = sum ||M_t||^2 and G = sum ||g_t||^2 over them, the residual in steady state
+(||e_t|| = ||e_(t-1)||) is
 
-    omega_m = R / (G + R),   omega_c = sum err_c(M_t) / sum ||M_t||^2
+    R' = R (E - R_in) / (E - R),   omega_m = R' / (G + R'),   omega_c = sum err_c(M_t) / E
 
-the steady-state relation ||e||^2 = omega (||g||^2 + ||e||^2). Only without a pair
-(`accumulate` 1) is R the residuals entering the steps, set against the steps'
-gradients: the previous step's residual against the next step's gradient. On the lm
-GPT, whose gradient norm jumps 100-fold from one step to the next early on, a spike
-just before the measured steps then made QSGD's 4-bit omega_m 0.69 against a
-measured 0.02 on the steps after it. How the residual of other levels follows is
-not known from one level, and two fits agree at c: scaled,
-the model's residual times the measured / modelled one at c (what the one-rank model
-sees grows and shrinks with the level), and shifted, omega_c' + (omega_m - omega_c)
-where the measurement is above the model (the rank's own part of M that the shared
-P^ leaves behind does not shrink with the rank; below the model, omega is scaled by
-omega_m / omega_c). On
-the lm GPT, the scaled fit put head.weight's residual at rank 23 at 1/8 of what
+(without a pair, `accumulate` 1, as for a biased codec). Set against the next step's
+gradient instead, on the lm GPT, whose gradient norm jumps 100-fold from one step to
+the next early on, a spike just before the measured steps made QSGD's 4-bit omega_m
+0.69 against a measured 0.02 on the steps after it. How the residual of other levels
+follows is not known from one level, and two fits agree at c: scaled, the model's
+residual times the measured / modelled one at c (what the one-rank model sees grows
+and shrinks with the level), and shifted, omega_c' + (omega_m - omega_c) where the
+measurement is above the model (the rank's own part of M that the shared P^ leaves
+behind does not shrink with the rank; below the model, omega is scaled by omega_m /
+omega_c). On the lm GPT, the scaled fit put head.weight's residual at rank 23 at 1/8 of what
 it then measured, and the shifted fit had 8 of 16 ranks cost far less than they
 did, so a candidate's error is the worse of the two:
 
@@ -180,6 +183,8 @@ class Controller:
         self.calibration: dict[str, dict[Level, tuple[float, float]]] = {}
         # layer -> the last measured step's ||g||^2, ||e||^2, ||M||^2 and model errors, and ok
         self.previous: dict[str, tuple[dict[str, Tensor], Tensor]] = {}
+        # an unbiased codec's residual is fresh noise each step: pair it with its step
+        self.paired = getattr(compressor, "unbiased", False)
         self.decisions = 0
         self.decision_s = 0.0  # wall time spent in `decide` (its collectives included)
         self.last: dict[str, float] = {}
@@ -203,9 +208,9 @@ class Controller:
     ) -> None:
         """Measure this step's one-step relative error omega of every candidate on the
         layer's M = g + e and add it, ||g||^2 and ||e||^2 (None: no residual yet) to the
-        layer's sums; `ok` (a bool tensor) false leaves the step out (not finite). When the
-        previous step was measured too, its ||g||^2, ||e||^2, ||M||^2 and model errors are
-        added next to this ||e||^2, the residual that its M left (module docstring)."""
+        layer's sums; `ok` (a bool tensor) false leaves the step out (not finite). For an
+        unbiased codec, when the previous step was measured too, its ||g||^2, ||e||^2,
+        ||M||^2 and model errors are added next to this ||e||^2, the residual its M left."""
         energy = square_norm(m)
         errors = self.compressor.errors(m, self.candidates, name)
         omega = errors / energy.clamp_min(1e-300)
@@ -217,15 +222,10 @@ class Controller:
                 before, before_ok = previous
                 before = before | {"paired_sq": residual_sq.double()}
                 add |= {k: torch.where(before_ok, v, 0.0) for k, v in before.items()}
-        step = {
-            "paired_grad_sq": grad_sq.double(),
-            "paired_energy": energy,
-            "paired_errors": errors,
-        }
-        step["paired_in_sq"] = (
-            torch.zeros_like(energy) if residual_sq is None else add["residual_sq"]
-        )
-        self.previous[name] = (step, ok)
+        if self.paired:
+            incoming = torch.zeros_like(energy) if residual_sq is None else add["residual_sq"]
+            step = {"paired_grad_sq": add["grad_sq"], "paired_in_sq": incoming}
+            self.previous[name] = (step | {"paired_energy": energy, "paired_errors": errors}, ok)
         for key, value in add.items():
             sums = self.sums.setdefault(key, {})
             sums[name] = torch.where(ok, value, 0.0) + sums.get(name, 0.0)
@@ -305,7 +305,7 @@ class Controller:
                 # R / G in steady state (e_t = e_(t-1)), times G: R (E - R_in) / (E - R)
                 fed = (paired - sums["paired_in_sq"][name]).clamp_min(0.0) * residual
                 sent = (paired - residual).clamp_min(0.0)
-            else:  # e against the next step's g: R / G as measured
+            else:  # the residuals entering the steps against their gradients
                 residual, grad, modelled = sums["residual_sq"][name], grad_sq, omega[index]
                 fed, sent = residual, torch.ones_like(residual)
             if bool(modelled > 0) and bool(residual > 0):

@@ -106,6 +106,7 @@ class QSGD(Compressor):
     """Bucketed stochastic quantisation; the level is the bit width."""
 
     name = "qsgd"
+    unbiased = True  # E[v^] = v: the residual is fresh rounding noise every step
 
     def __init__(self, bits: int = 4, bucket_size: int = 128):
         self.default = self.check(bits)
