@@ -184,7 +184,7 @@ class Controller:
         # layer -> the last measured step's ||g||^2, ||e||^2, ||M||^2 and model errors, and ok
         self.previous: dict[str, tuple[dict[str, Tensor], Tensor]] = {}
         # an unbiased codec's residual is fresh noise each step: pair it with its step
-        self.paired = getattr(compressor, "unbiased", False)
+        self.paired = compressor.unbiased
         self.decisions = 0
         self.decision_s = 0.0  # wall time spent in `decide` (its collectives included)
         self.last: dict[str, float] = {}

@@ -56,6 +56,9 @@ class Compressor:
     """A family of codecs; subclasses define the levels, the bytes, the errors and the exchange."""
 
     name = "compressor"
+    # E[decode(encode(M))] = M: the residual is fresh noise every step (L-GreCo pairs it
+    # with the step that left it, `adaptive.py`), not a persisting, correlated part of M
+    unbiased = False
     default: Level
 
     def check(self, level: Level) -> Level:
