@@ -56,6 +56,7 @@ FFT_FROM = {"cpu": math.inf, "cuda": math.inf}
 CHUNK_BYTES = 2**21
 
 Samplers = dict[str, "DenseSampler | GridSampler | FourierSampler"]
+UNWEIGHTED = (None, None, None)  # `_Product`'s (w1, w2, w3) for a plain product
 
 
 def choose_backend(total: int, device: torch.device) -> str:
@@ -82,7 +83,7 @@ def _check_options(channels: int | None, weights: str | None, backend: str) -> N
 
 def _chunk_rows(sampler, x: Tensor, multiple: int = 1) -> int:
     """Rows per chunk: all on a GPU; on the CPU about CHUNK_BYTES of samples. A multiple of
-    `multiple` (the channels, so that a chunk's per-channel weights are one fixed tile)."""
+    `multiple` (the channels, so that a chunk holds whole channel groups)."""
     if x.device.type != "cpu":
         rows = max(x.shape[0], 1)
     else:
@@ -90,37 +91,9 @@ def _chunk_rows(sampler, x: Tensor, multiple: int = 1) -> int:
     return -(-rows // multiple) * multiple
 
 
-class _Product(torch.autograd.Function):
-    """out = P_L(f1 f2) for x1, x2 (R, dims) -> (R, (L+1)^2), in chunks of rows.
-
-    Gaunt coefficients are symmetric in their three (l, m) pairs, so the gradient
-    is again a product: d<g, out>/dx1 = P_L1(G f2), G the function with coefficients g.
-    The backward is `_ProductPair` (both input gradients in one pass), whose own
-    backward is made of `_Product`: every order of derivative stays exact and cheap,
-    and only the inputs are saved, never the sampled values."""
-
-    @staticmethod
-    def forward(ctx, x1, x2, sampler, lmax1, lmax2, lmax):
-        ctx.save_for_backward(x1, x2)
-        ctx.meta = (sampler, lmax1, lmax2, lmax)
-        out = x1.new_empty(x1.shape[0], sh_dim(lmax))
-        step = _chunk_rows(sampler, x1)
-        for s in range(0, x1.shape[0], step):
-            values = sampler.synthesis(x1[s : s + step], lmax1)
-            values.mul_(sampler.synthesis(x2[s : s + step], lmax2))
-            out[s : s + step] = sampler.analysis(values, lmax).T
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        x1, x2 = ctx.saved_tensors
-        sampler, lmax1, lmax2, lmax = ctx.meta
-        g1, g2 = _ProductPair.apply(grad, x1, x2, sampler, lmax, lmax1, lmax2)
-        return g1, g2, None, None, None, None
-
-
 class _ProductPair(torch.autograd.Function):
-    """(P_L1(G f2), P_L2(G f1)): both input gradients of `_Product`, sharing the samples."""
+    """(P_L1(G f2), P_L2(G f1)): both input gradients of an unweighted `_Product`, sharing
+    the samples; its own backward is made of `_Product`s."""
 
     @staticmethod
     def forward(ctx, g, x1, x2, sampler, lmax, lmax1, lmax2):
@@ -141,10 +114,10 @@ class _ProductPair(torch.autograd.Function):
     def backward(ctx, grad1, grad2):
         g, x1, x2 = ctx.saved_tensors
         sampler, lmax, lmax1, lmax2 = ctx.meta
-        grad_g = _Product.apply(grad1, x2, sampler, lmax1, lmax2, lmax)
-        grad_g = grad_g + _Product.apply(grad2, x1, sampler, lmax2, lmax1, lmax)
-        grad_x1 = _Product.apply(grad2, g, sampler, lmax2, lmax, lmax1)
-        grad_x2 = _Product.apply(grad1, g, sampler, lmax1, lmax, lmax2)
+        grad_g = _Product.apply(grad1, x2, *UNWEIGHTED, sampler, lmax1, lmax2, lmax)
+        grad_g = grad_g + _Product.apply(grad2, x1, *UNWEIGHTED, sampler, lmax2, lmax1, lmax)
+        grad_x1 = _Product.apply(grad2, g, *UNWEIGHTED, sampler, lmax2, lmax, lmax1)
+        grad_x2 = _Product.apply(grad1, g, *UNWEIGHTED, sampler, lmax1, lmax, lmax2)
         return grad_g, grad_x1, grad_x2, None, None, None, None
 
 
@@ -155,13 +128,17 @@ def _scale(x: Tensor, weight: Tensor | None) -> Tensor:
     return (x.unflatten(0, (-1, weight.shape[0])) * weight).flatten(0, 1)
 
 
-class _WeightedProduct(torch.autograd.Function):
-    """out = w3 P_L((w1 x1)(w2 x2)), rows n C + c weighted by channel c (weights (C, dims)
-    or None), in chunks of whole channel groups: the weighted inputs exist only one chunk
-    at a time, so a forward allocates its output and no full-size temporaries.
+class _Product(torch.autograd.Function):
+    """out = w3 P_L((w1 x1)(w2 x2)) for x1, x2 (R, dims) -> (R, (L+1)^2), rows n C + c
+    weighted by channel c (weights (C, dims), or None: `UNWEIGHTED`), in chunks of whole
+    channel groups: the weighted inputs exist only one chunk at a time, so a forward
+    allocates its output and no full-size temporaries.
 
-    The backward is made of differentiable operations (`_scale`, `_ProductPair`), so
-    higher derivatives stay exact; it saves the inputs, and the unweighted product only
+    Gaunt coefficients are symmetric in their three (l, m) pairs, so the gradient
+    is again a product: d<g, out>/dx1 = P_L1(G f2), G the function with coefficients g.
+    The backward is made of differentiable operations (`_scale`, `_ProductPair`, whose
+    own backward is made of `_Product`), so every order of derivative stays exact and
+    cheap; it saves the inputs, never the sampled values, and the unweighted product only
     when w3 needs a gradient (recomputed under `create_graph`, to stay differentiable)."""
 
     @staticmethod
@@ -199,7 +176,7 @@ class _WeightedProduct(torch.autograd.Function):
         gw3 = None
         if ctx.needs_input_grad[4]:
             if torch.is_grad_enabled():
-                product = _Product.apply(a, b, sampler, lmax1, lmax2, lmax)
+                product = _Product.apply(a, b, *UNWEIGHTED, sampler, lmax1, lmax2, lmax)
             gw3 = _channel_sum(grad * product, w3)
         gw1 = _channel_sum(ga * x1, w1) if ctx.needs_input_grad[2] else None
         gw2 = _channel_sum(gb * x2, w2) if ctx.needs_input_grad[3] else None
@@ -295,7 +272,7 @@ class GauntTensorProduct(_SphereProduct):
             )
             weights = [self._per_degree(w, lmax) for w, lmax in pairs]
         lmaxes = (self.lmax_in1, self.lmax_in2, self.lmax_out)
-        out = _WeightedProduct.apply(x1, x2, *weights, self.sampler(x1), *lmaxes)
+        out = _Product.apply(x1, x2, *weights, self.sampler(x1), *lmaxes)
         return out.reshape(*lead, out.shape[-1])
 
     def extra_repr(self) -> str:
