@@ -111,6 +111,8 @@ def _args() -> argparse.Namespace:
     args = p.parse_args()
     if args.plenoxel_upsample and args.plenoxel_upsample[1] < 2:
         p.error(f"--plenoxel-upsample RES={args.plenoxel_upsample[1]} must be >= 2")
+    if not all(0 < r <= 1 for r in args.min_lr_ratio):
+        p.error(f"--min-lr-ratio {args.min_lr_ratio}: each must be in (0, 1]")
     return args
 
 

@@ -68,3 +68,18 @@ def test_benchmark_runs_on_tiny_settings_with_the_teacher_cached_beforehand(tmp_
 def test_benchmark_runs_on_cuda(tmp_path):
     result = _run(tmp_path, "cuda")
     assert result["machine"] == torch.cuda.get_device_name()
+
+
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (["--min-lr-ratio", "0"], "--min-lr-ratio [0.0]: each must be in (0, 1]"),
+        (["--plenoxel-upsample", "10", "1"], "--plenoxel-upsample RES=1 must be >= 2"),
+    ],
+)
+def test_bad_options_are_one_line_errors_before_anything_runs(tmp_path, bad, message):
+    args = [*bad, "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c")]
+    done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 2 and done.stderr.strip().endswith(message), done.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "c").exists()

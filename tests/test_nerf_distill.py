@@ -103,6 +103,9 @@ def test_coarse_to_fine_plenoxel_keeps_learning_on_its_finer_grid(teachers):
     with pytest.raises(ValueError, match=r"upsample=\(30, 15\) needs a plenoxel student"):
         distill_fields(small_field("mlp"), teacher, views, settings, steps=1, stage_ends=(0, 0),
                        lr=0.1, n_rays=8, seed=0, upsample=(30, 15))  # fmt: skip
+    with pytest.raises(ValueError, match=r"upsample=\(60, 15\): its step must be in 1..59"):
+        distill_fields(student, teacher, views, settings, steps=60, stage_ends=(10, 25), lr=0.2,
+                       n_rays=8, seed=0, upsample=(60, 15))  # fmt: skip
 
 
 def test_adam_decays_to_its_min_lr_ratio_and_resumes_at_a_later_step():
@@ -117,6 +120,9 @@ def test_adam_decays_to_its_min_lr_ratio_and_resumes_at_a_later_step():
     torch.testing.assert_close(torch.tensor(lrs), torch.tensor(expected))
     resumed, _ = adam(model, 0.5, 10, start=4, min_lr_ratio=0.01)
     assert math.isclose(resumed.param_groups[0]["lr"], expected[4])
+    for bad in (0.0, -0.1, 2.0):
+        with pytest.raises(ValueError, match=rf"min_lr_ratio={bad} must be in \(0, 1\]"):
+            adam(model, 0.5, 10, min_lr_ratio=bad)
 
 
 def test_stages_start_at_two_without_a_shared_representation(teachers):

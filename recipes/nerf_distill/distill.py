@@ -320,6 +320,8 @@ def adam(
     """Adam (eps 1e-15, as Instant-NGP) with the learning rate decaying exponentially to
     lr * min_lr_ratio over `steps`, lr_s = lr min_lr_ratio^(s / steps), from step
     `start` on; returns (optimizer, scheduler step)."""
+    if not 0 < min_lr_ratio <= 1:
+        raise ValueError(f"min_lr_ratio={min_lr_ratio} must be in (0, 1]")
     opt = torch.optim.Adam(model.parameters(), lr=lr, eps=1e-15)
 
     def factor(s: int) -> float:
@@ -398,6 +400,8 @@ def distill_fields(
     resolution^3 at that step and Adam starts afresh (the decay goes on)."""
     if upsample is not None and not isinstance(student, PlenoxelField):
         raise ValueError(f"upsample={upsample} needs a plenoxel student, not {student.arch}")
+    if upsample is not None and not 0 < upsample[0] < steps:
+        raise ValueError(f"upsample={upsample}: its step must be in 1..{steps - 1} (steps={steps})")
     weights = weights or LossWeights()
     teacher.requires_grad_(False)
     opt, decay = adam(student, lr, steps, min_lr_ratio=min_lr_ratio)
