@@ -10,7 +10,8 @@ ours is `GauntTensorProduct(lmax, lmax, lmax, C)` with per-degree weights w1, w2
 w3; e3nn's is `o3.TensorProduct` with instructions (l1, l2, l3, "uuu") whose path
 weights are the Gaunt factors g(l1, l2, l3) and whose weights are w1 w2 w3. Inputs
 are in each library's own layout (not timed). Time: median over interleaved
-rounds of forward, and of forward + backward (gradients of both inputs), fp32;
+rounds of forward, and of forward + backward (gradients of both inputs), fp32,
+each round timing a block of back-to-back calls of about 20 ms per case;
 "max rel diff" compares outputs and input gradients to e3nn's. Extra sizes
 (--backend-lmax) time the grid and FFT backends alone, to find where FFT overtakes
 the grid. The CPU run also times one training step of the recipe's potential with
@@ -78,21 +79,30 @@ def e3nn_layout(x: torch.Tensor, lmax: int) -> torch.Tensor:
     return torch.cat([x[..., e * e : (e + 1) ** 2].flatten(1) for e in range(lmax + 1)], 1)
 
 
-def timer(device: torch.device) -> Callable[[Callable], float]:
-    def run(fn: Callable) -> float:
+BLOCK_MS = 20.0  # each timing is a block of back-to-back calls lasting about this long
+
+
+def timer(device: torch.device) -> Callable[[Callable, int], float]:
+    """ms per call of `fn`, timed over a block of `calls` back-to-back calls."""
+
+    def run(fn: Callable, calls: int) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        fn()
+        for _ in range(calls):
+            fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return 1e3 * (time.perf_counter() - t0)
+        return 1e3 * (time.perf_counter() - t0) / calls
 
     return run
 
 
 def measure(cases: dict[str, tuple[Callable, tuple]], repeat: int, device) -> dict[str, dict]:
-    """Median ms of forward and forward+backward for each case, the cases interleaved."""
+    """Median ms of forward and forward+backward for each case, the cases interleaved:
+    each round times every case as a block of calls lasting about BLOCK_MS (as
+    `torch.utils.benchmark`'s blocked timing does), so that a fast case is not charged
+    the wake-up of an idle or just-switched CPU on each call while a slow one is not."""
     clock = timer(device)
     steps = {}
     for name, (fn, inputs) in cases.items():
@@ -107,14 +117,14 @@ def measure(cases: dict[str, tuple[Callable, tuple]], repeat: int, device) -> di
 
         steps[name] = (fwd, fwd_bwd)
     times = {name: ([], []) for name in cases}
+    calls = {}
     for _ in range(6):  # warm-up (e3nn's TorchScript kernels settle after a few calls)
-        for fwd, fwd_bwd in steps.values():
-            fwd()
-            fwd_bwd()
+        for name, (fwd, fwd_bwd) in steps.items():
+            calls[name] = [max(1, round(BLOCK_MS / clock(f, 1))) for f in (fwd, fwd_bwd)]
     for _ in range(repeat):
         for name, (fwd, fwd_bwd) in steps.items():
-            times[name][0].append(clock(fwd))
-            times[name][1].append(clock(fwd_bwd))
+            times[name][0].append(clock(fwd, calls[name][0]))
+            times[name][1].append(clock(fwd_bwd, calls[name][1]))
     return {n: {"fwd_ms": statistics.median(f), "fwd_bwd_ms": statistics.median(b)}
             for n, (f, b) in times.items()}  # fmt: skip
 
@@ -196,7 +206,7 @@ def model_step(lmax: int, channels: int, repeat: int) -> dict[str, float] | None
     times = {name: [] for name in cases}
     for _ in range(repeat):
         for name, fn in cases.items():
-            times[name].append(clock(fn))
+            times[name].append(clock(fn, 1))  # a step lasts ~0.2 s or more
     out = {f"{name}_ms": statistics.median(t) for name, t in times.items()}
     out["speedup"] = out["e3nn_ms"] / out["gaunt_ms"]
     return {"lmax": lmax, "channels": channels, "structures": 8, "atoms": 8 * 24,
@@ -291,7 +301,8 @@ def main() -> None:
         "command": shlex.join(["python", "benchmarks/gaunt.py", *sys.argv[1:]]),
         "machine": f"{name}; torch {torch.__version__}, e3nn {e3nn.__version__}, "
         f"python {platform.python_version()}; 1-min load {load:.1f} at start, "
-        f"{os.getloadavg()[0]:.1f} at end; median of {args.repeat} interleaved rounds",
+        f"{os.getloadavg()[0]:.1f} at end; median of {args.repeat} interleaved rounds, "
+        f"each a ~{BLOCK_MS:.0f} ms block of calls per case",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"gaunt_{device.type}.json").write_text(json.dumps(summary, indent=1, default=str))
