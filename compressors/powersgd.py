@@ -10,7 +10,10 @@ from the previous step (identical on every rank):
     Q = all-reduce(Q_w) / W;  output = P^ Q^T = mean_w P^ Q_w^T
 
 Layers of one shape and rank whose M lie back to back run as one batch (bmm,
-batched QR).
+batched QR). P and Q are computed and sent transposed, P^T = Q^T M^T and
+Q_w^T = P^T M: the same products with r rows instead of r columns, which MKL runs
+1.1-1.3x faster on the CPU at ranks that are multiples of 16 and 2-6x faster at the
+others (`benchmarks/powersgd_layout.py`); cuBLAS takes either.
 1-D tensors, and those where r(n + m) does not save `min_compression_rate` over
 nm, ride along uncompressed (fp32) in the first all-reduce. A compressed tensor
 costs 4 r (n + m) bytes (fp32 P and Q).
@@ -113,13 +116,14 @@ class PowerSGD(Compressor):
             return out
         mat = a.reshape(n, m).float()
         q = self._warm_q(name, m, max(ranks.values()), a.device)
+        qt = q.t()
         for _ in range(REFINE_ITERATIONS):
-            p = mat @ q
-            orthogonalize(p)
-            q = mat.t() @ p
-        p = mat @ q
-        orthogonalize(p)
-        kept = square_norm(p.t() @ mat, dim=1).cumsum(0)
+            pt = qt @ mat.t()
+            orthogonalize(pt.t())
+            qt = pt @ mat
+        pt = qt @ mat.t()
+        orthogonalize(pt.t())
+        kept = square_norm(pt @ mat, dim=1).cumsum(0)
         total = square_norm(mat)
         for i, level in enumerate(levels):
             if level in ranks:
@@ -145,9 +149,9 @@ class PowerSGD(Compressor):
         for s, part in zip(dense, dense_parts, strict=True):
             part.copy_(s.m.view(-1))
         for g, part in zip(groups, p_parts, strict=True):
-            g.p = part.view(len(g.run), g.n, g.r)
-            g.warm = torch.stack([self._warm_q(s.name, g.m, g.r, device) for s in g.run])
-            torch.bmm(g.mats, g.warm, out=g.p)
+            g.pt = part.view(len(g.run), g.r, g.n)
+            g.warm = torch.stack([self._warm_q(s.name, g.m, g.r, device).t() for s in g.run])
+            torch.bmm(g.warm, g.mats.transpose(1, 2), out=g.pt)  # P^T = Q^T M^T
         flag_part.copy_(flags)
         comm.all_reduce(first)
         factor, keep = outcome(flag_part, comm.world)
@@ -160,19 +164,19 @@ class PowerSGD(Compressor):
         # Round 2: Q_w = M^T P^ of each layer; the residuals are computed while it travels.
         second = torch.empty(sum(g.q_numel for g in groups), device=device)
         for g, part in zip(groups, second.split([g.q_numel for g in groups]), strict=True):
-            orthogonalize(g.p)
-            g.q = part.view(len(g.run), g.m, g.r)
-            torch.bmm(g.mats.transpose(1, 2), g.p, out=g.q)
+            orthogonalize(g.pt.transpose(1, 2))
+            g.qt = part.view(len(g.run), g.r, g.m)
+            torch.bmm(g.pt, g.mats, out=g.qt)  # Q_w^T = P^T M
         local = second.clone()
         work = comm.all_reduce(second, async_op=True)
         for g, q_w in zip(groups, local.split([g.q_numel for g in groups]), strict=True):
-            g.mats.baddbmm_(g.p, q_w.view_as(g.q).transpose(1, 2), alpha=-1)
+            g.mats.baddbmm_(g.pt.transpose(1, 2), q_w.view_as(g.qt), alpha=-1)
         work.wait()
         for g in groups:
             for j, s in enumerate(g.run):
                 i = index[id(s)]
-                self.q[s.name] = torch.where(keep[i], g.warm[j], g.q[j] / comm.world)
-                _write(s.grad, g.p[j], g.q[j] * factor[i])
+                self.q[s.name] = torch.where(keep[i], g.warm[j], g.qt[j] / comm.world).t()
+                _write(s.grad, g.pt[j], g.qt[j] * factor[i])
         return flag_part
 
     def _warm_q(self, name: str, m: int, r: int, device: torch.device) -> Tensor:
@@ -212,13 +216,13 @@ class _Group:
         self.mats = view.view(len(run), self.n, self.m)
         self.p_numel = len(run) * self.n * r
         self.q_numel = len(run) * self.m * r
-        self.p = self.q = self.warm = view  # set during the exchange
+        self.pt = self.qt = self.warm = view  # P^T, Q^T and the warm Q^T, set in the exchange
 
 
-def _write(grad: Tensor, p: Tensor, q: Tensor) -> None:
-    """grad <- P Q^T, straight into the bucket when it is fp32."""
-    view = grad.view(p.shape[0], q.shape[0])
+def _write(grad: Tensor, pt: Tensor, qt: Tensor) -> None:
+    """grad <- P Q^T from P^T and Q^T, straight into the bucket when it is fp32."""
+    view = grad.view(pt.shape[1], qt.shape[1])
     if grad.dtype == torch.float32:
-        torch.matmul(p, q.t(), out=view)
+        torch.matmul(pt.t(), qt, out=view)
     else:
-        view.copy_(p @ q.t())
+        view.copy_(pt.t() @ qt)
