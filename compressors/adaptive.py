@@ -204,15 +204,22 @@ class Controller:
         return upcoming - step <= self.accumulate
 
     def observe(
-        self, name: str, m: Tensor, grad_sq: Tensor, residual_sq: Tensor | None, ok: Tensor
+        self,
+        name: str,
+        m: Tensor,
+        grad_sq: Tensor,
+        residual_sq: Tensor | None,
+        ok: Tensor,
+        residual: Tensor | None = None,
     ) -> None:
         """Measure this step's one-step relative error omega of every candidate on the
         layer's M = g + e and add it, ||g||^2 and ||e||^2 (None: no residual yet) to the
-        layer's sums; `ok` (a bool tensor) false leaves the step out (not finite). For an
+        layer's sums; `ok` (a bool tensor) false leaves the step out (not finite). `residual`
+        is e itself, for a codec that judges each level at its own residual (QSGD). For an
         unbiased codec, when the previous step was measured too, its ||g||^2, ||e||^2,
         ||M||^2 and model errors are added next to this ||e||^2, the residual its M left."""
         energy = square_norm(m)
-        errors = self.compressor.errors(m, self.candidates, name)
+        errors = self.compressor.errors(m, self.candidates, name, residual)
         omega = errors / energy.clamp_min(1e-300)
         add = {"omega": omega, "grad_sq": grad_sq.double(), "seen": torch.ones_like(energy)}
         if residual_sq is not None:

@@ -85,9 +85,13 @@ class Compressor:
         """Exact bytes one rank hands to the collectives for one tensor at `level`."""
         raise NotImplementedError
 
-    def errors(self, a: Tensor, levels: list[Level], name: str = "") -> Tensor:
+    def errors(
+        self, a: Tensor, levels: list[Level], name: str = "", residual: Tensor | None = None
+    ) -> Tensor:
         """Squared compression error ||a - D(C(a))||^2 of `a` (layer `name`) at each
-        level, as one step of this codec would make it (float64)."""
+        level, as one step of this codec would make it (float64). `residual` is the error
+        feedback inside a = g + residual (None: none yet), for codecs that judge each level
+        at its own residual (QSGD)."""
         raise NotImplementedError
 
     def exchange(self, slots: list[Slot], comm: Collective, flags: Tensor) -> Tensor:

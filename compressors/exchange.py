@@ -218,7 +218,7 @@ class GradientExchange:
             e = self.errors.get(name)
             residual_sq = None if e is None else square_norm(e)
             m = m if scale is None else m / scale
-            self.controller.observe(name, m, grad_sq[i], residual_sq, ok[i])
+            self.controller.observe(name, m, grad_sq[i], residual_sq, ok[i], e)
 
     @property
     def nonfinite_steps(self) -> int:

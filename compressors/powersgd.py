@@ -99,7 +99,9 @@ class PowerSGD(Compressor):
         n, m = matrix_shape(shape)
         return 4 * min(level, n, m) * (n + m)
 
-    def errors(self, a: Tensor, levels: list[Level], name: str = "") -> Tensor:
+    def errors(
+        self, a: Tensor, levels: list[Level], name: str = "", residual: Tensor | None = None
+    ) -> Tensor:
         """The error of one power iteration from this layer's warm-start Q, as the next
         step would run it, at every rank at once: with Q_R the first R = max(levels)
         columns (the warm ones, then fresh), P^ = orthogonalize(A Q_R) and B = P^T A,
@@ -108,7 +110,8 @@ class PowerSGD(Compressor):
         fresh (and a layer not yet compressed has no warm start at all), so
         REFINE_ITERATIONS subspace iterations first stand in for the steps that warm
         them up: every candidate is judged as it would run once warm, not the larger
-        ranks on random columns. 0 where the tensor goes uncompressed."""
+        ranks on random columns. 0 where the tensor goes uncompressed. `residual` is not
+        used: L-GreCo calibrates a biased codec's residual by measurement (`adaptive.py`)."""
         out = torch.zeros(len(levels), dtype=torch.float64, device=a.device)
         n, m = matrix_shape(a.shape)
         ranks = {lv: min(lv, n, m) for lv in levels if self.compresses(a.shape, lv)}

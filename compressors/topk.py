@@ -45,9 +45,12 @@ class TopK(Compressor):
     def wire_bytes(self, shape: torch.Size, level: Level) -> int:
         return 8 * keep(shape.numel(), level)
 
-    def errors(self, a: Tensor, levels: list[Level], name: str = "") -> Tensor:
+    def errors(
+        self, a: Tensor, levels: list[Level], name: str = "", residual: Tensor | None = None
+    ) -> Tensor:
         """The energy outside the k largest entries, exactly (from one top-k at the
-        largest k: err(k) = ||a||^2 - sum of the k largest squares)."""
+        largest k: err(k) = ||a||^2 - sum of the k largest squares). `residual` is not
+        used: L-GreCo calibrates a biased codec's residual by measurement (`adaptive.py`)."""
         sq = a.reshape(-1).double().square()
         ks = [keep(sq.numel(), level) for level in levels]
         top = sq.topk(max(ks)).values.cumsum(0)
