@@ -63,13 +63,17 @@ did, so a candidate's error is the worse of the two:
 A layer not measured at any level yet keeps its level, so the first decision,
 after plain all-reduce steps, changes nothing.
 
-The knapsack weighs each layer by its share of a step's gradient energy, averaged
-over the measured steps, not by its sum over them: err[l, c] above times
-S_l / G_l, S_l = mean_t ||g_l,t||^2 / sum_l' ||g_l',t||^2. Summed, one spike dominates
-the window, and the widths are then set for a step that does not recur (on the lm
-GPT, a step with 15-85x the energy of its neighbours fell in the first window:
-L-GreCo QSGD measured 1.18x uniform 4-bit's error until the next decision).
-sum_l err[l, c_l] / sum_l S_l is the predicted relative error, next to which the hooks
+For an unbiased codec the knapsack weighs each layer by its share of a step's
+gradient energy, averaged over the measured steps, not by its sum over them: err[l, c]
+above times S_l / G_l, S_l = mean_t ||g_l,t||^2 / sum_l' ||g_l',t||^2. Its residual is
+fresh noise each step, so a spike's error ends with the spike; summed, one spike
+dominates the window, and the widths are set for a step that does not recur (on the lm
+GPT, a step with 15-85x the energy of its neighbours fell in the first window: L-GreCo
+QSGD measured 1.18x uniform 4-bit's error until the next decision). A biased codec's
+residual carries a spike's energy into the following steps, and the window's sums
+stand (per-step shares made L-GreCo PowerSGD's first widths costlier on that GPT: 1.063x
+uniform's step at 100 Mbit/s, against 0.996x). With W_l = S_l or G_l,
+sum_l err[l, c_l] / sum_l W_l is the predicted relative error, next to which the hooks
 report the measured one (`comm/residual_sq` / `comm/grad_sq`).
 """
 
@@ -186,7 +190,7 @@ class Controller:
         # over the measured steps, per layer: sums of omega (per candidate), ||g||^2, ||e||^2
         # and of the steps counted (seen, residual_seen)
         self.sums: dict[str, dict[str, Tensor]] = {}
-        # per layer, ||g||^2 on each measured step (0 where left out), for the step shares
+        # unbiased codecs: per layer, ||g||^2 on each measured step (0 where left out)
         self.step_grad_sq: dict[str, list[Tensor]] = {}
         # layer -> level -> (measured omega, modelled omega) at its last measurement
         self.calibration: dict[str, dict[Level, tuple[float, float]]] = {}
@@ -245,7 +249,8 @@ class Controller:
         for key, value in add.items():
             sums = self.sums.setdefault(key, {})
             sums[name] = torch.where(ok, value, 0.0) + sums.get(name, 0.0)
-        self.step_grad_sq.setdefault(name, []).append(torch.where(ok, add["grad_sq"], 0.0))
+        if self.paired:
+            self.step_grad_sq.setdefault(name, []).append(torch.where(ok, add["grad_sq"], 0.0))
 
     def decide(
         self,
@@ -262,13 +267,14 @@ class Controller:
         start = time.perf_counter()
         names, cands = list(shapes), self.candidates
         table = torch.zeros(len(names), len(cands) + 2, dtype=torch.float64, device=device)
-        seen, shares = self.sums.get("seen", {}), self._shares()
+        seen = self.sums.get("seen", {})
+        weights = self._shares() if self.paired else self.sums.get("grad_sq", {})
         for i, name in enumerate(names):
             if name in seen:
                 predicted, calibrated = self._predict(name, levels[name])
                 grad_sq = self.sums["grad_sq"][name].clamp_min(1e-300)
-                table[i, : len(cands)] = predicted * (shares[name] / grad_sq)
-                table[i, -2] = shares[name]
+                table[i, : len(cands)] = predicted * (weights[name] / grad_sq)
+                table[i, -2] = weights[name]
                 table[i, -1] = float(calibrated)
         comm.all_reduce(table)
         table = table.cpu()
@@ -306,7 +312,7 @@ class Controller:
 
     def _shares(self) -> dict[str, Tensor]:
         """Each layer's share of a measured step's ||g||^2, averaged over the steps: every
-        step counts alike, so one gradient spike does not set the widths for all of them."""
+        step counts alike, so one gradient spike does not set an unbiased codec's widths."""
         steps = max((len(v) for v in self.step_grad_sq.values()), default=0)
         totals = [
             sum(v[j] for v in self.step_grad_sq.values() if len(v) > j).clamp_min(1e-300)
