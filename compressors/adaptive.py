@@ -268,13 +268,16 @@ class Controller:
         names, cands = list(shapes), self.candidates
         table = torch.zeros(len(names), len(cands) + 2, dtype=torch.float64, device=device)
         seen = self.sums.get("seen", {})
-        weights = self._shares() if self.paired else self.sums.get("grad_sq", {})
+        shares = self._shares() if self.paired else {}
         for i, name in enumerate(names):
             if name in seen:
                 predicted, calibrated = self._predict(name, levels[name])
-                grad_sq = self.sums["grad_sq"][name].clamp_min(1e-300)
-                table[i, : len(cands)] = predicted * (weights[name] / grad_sq)
-                table[i, -2] = weights[name]
+                weight = self.sums["grad_sq"][name]  # G_l; S_l for an unbiased codec
+                if self.paired:
+                    predicted = predicted * (shares[name] / weight.clamp_min(1e-300))
+                    weight = shares[name]
+                table[i, : len(cands)] = predicted
+                table[i, -2] = weight
                 table[i, -1] = float(calibrated)
         comm.all_reduce(table)
         table = table.cpu()
