@@ -43,7 +43,16 @@ import torch
 from torch import Tensor, nn
 
 from .adaptive import Controller
-from .base import Compressor, Level, Slot, health, outcome, square_norm, stable_seed
+from .base import (
+    Compressor,
+    Level,
+    Slot,
+    health,
+    norms64,
+    outcome,
+    square_norm,
+    stable_seed,
+)
 from .collective import Collective, plain_mean
 
 
@@ -126,9 +135,7 @@ class GradientExchange:
             self._stats.scale = self._loss_scale()
             self._begin_step(grads[0].device)
         before = (comm.payload, comm.sent, comm.received)
-        # fp64: in fp32 the squares of entries below ~1e-19 underflow, a layer's norm is 0,
-        # and `health` takes it for unused (its gradient was dropped, not fed back)
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
+        norms = norms64(grads)
         if self.step < self.start_iter:
             self._observe(names, grads, torch.stack(norms))
             plain_mean(comm, grads, buffer)

@@ -22,6 +22,7 @@ from gradlane.compressors import (
     pack_bits,
     unpack_bits,
 )
+from gradlane.compressors.base import health, norms64
 from gradlane.compressors.powersgd import REFINE_ITERATIONS
 from gradlane.compressors.qsgd import dequantize, quantize
 from gradlane.compressors.wire import pack, unpack
@@ -371,3 +372,25 @@ def test_fp16_gradients_come_back_in_fp16(comm):
 def test_bad_settings_raise_a_value_error_naming_key_and_value(make, key):
     with pytest.raises(ValueError, match=re.escape(key)):
         make()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gradient_norms_match_float64_from_subnormal_to_past_fp32_squares(dtype):
+    """The exchange's gradient norms (fp32 kernel plus float64 retakes on the CPU) against
+    a float64 oracle: entries from 1e-40 (their fp32 squares underflow to 0) to 1e25
+    (their squares overflow), an all-zero and a non-finite gradient; so `health` flags
+    exactly the zero one unused and the inf / nan ones poisoned."""
+    gen = torch.Generator().manual_seed(3)
+    scales = [1e-40, 1e-25, 1e-3, 1.0, 1e3, 1e25] if dtype == torch.float32 else [1e-6, 1.0]
+    grads = [(torch.randn(33, 7, generator=gen) * s).to(dtype) for s in scales]
+    grads += [torch.zeros(5, dtype=dtype), torch.full((4,), math.inf, dtype=dtype)]
+    grads += [torch.tensor([1.0, math.nan], dtype=dtype)]
+    got = torch.stack(norms64(grads))
+    want = torch.stack([g.double().square().sum().sqrt() for g in grads])
+    assert got.dtype == torch.float64
+    n = len(scales)
+    torch.testing.assert_close(got[:n], want[:n], rtol=1e-5, atol=0.0)
+    assert (got[:n] > 0).all() and float(got[n]) == 0.0
+    assert math.isinf(float(got[n + 1])) and math.isnan(float(got[n + 2]))
+    flags = health(got).tolist()
+    assert flags == [1.0] * n + [0.0, math.inf, math.inf]
