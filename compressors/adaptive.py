@@ -102,11 +102,12 @@ def knapsack(costs: Tensor, weights: Tensor, capacity: int) -> list[int] | None:
     back = torch.zeros(rows, capacity + 1, dtype=torch.int64)
     pad = int(weights.max()) if weights.numel() else 0  # inf below weight 0: no clamp, no mask
     padded = torch.full((pad + capacity + 1,), torch.inf, dtype=torch.float64)
-    at = torch.arange(pad, pad + capacity + 1)
+    shifted = padded.unfold(0, capacity + 1, 1)  # row k: best at weight w - (pad - k), a view
     for layer in range(rows):
         padded[pad:] = best
-        prev = padded[at - weights[layer].view(-1, 1)]  # (choices, capacity + 1): weight before
-        best, back[layer] = (prev + costs[layer].view(-1, 1).double()).min(0)  # first on ties
+        prev = shifted.index_select(0, pad - weights[layer])  # (choices, capacity + 1)
+        prev += costs[layer].view(-1, 1).double()
+        best, back[layer] = prev.min(0)  # first on ties
     cost, w = best.min(0)
     if cost.isinf():
         return None
