@@ -143,7 +143,8 @@ def _train(rank: int, spec: dict, cfg: dict | None) -> dict:
         state = hook.exchange
     else:
         if cfg is not None:
-            net = DDP(model, bucket_cap_mb=spec["bucket_cap_mb"])
+            # as the trainer builds it (trainer.gradient_as_bucket_view, default true)
+            net = DDP(model, bucket_cap_mb=spec["bucket_cap_mb"], gradient_as_bucket_view=True)
             hook = gradlane.register_comm_hook(net, cfg)
             state = hook.state
         opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)

@@ -53,6 +53,8 @@ class TrainerSection:
     keep_checkpoints: int = param(2, ge=1)  # newest intact ones kept, across resumes
     bucket_cap_mb: float = param(25.0, gt=0)
     find_unused_parameters: bool = False
+    # gradients are views of DDP's buckets: no copy into them and back, one less copy in memory
+    gradient_as_bucket_view: bool = True
     engine: str = param("ddp", choices=("ddp", "deepspeed", "horovod"))  # see gradlane.engines
     # per worker beyond cpus_per_worker (and 1 GPU with use_gpu): {"GPU": 0.5, "my_res": 1}
     resources_per_worker: dict[str, float] = field(default_factory=dict)

@@ -64,6 +64,7 @@ class DDPEngine:
             device_ids=[device.index] if device.type == "cuda" else None,
             bucket_cap_mb=cfg.trainer.bucket_cap_mb,
             find_unused_parameters=cfg.trainer.find_unused_parameters,
+            gradient_as_bucket_view=cfg.trainer.gradient_as_bucket_view,
         )
         self.hook = register_comm_hook(self.wrapped, cfg.comm)
         self.exchange = self.hook.state if isinstance(self.hook.state, GradientExchange) else None
