@@ -11,13 +11,16 @@ c = max_i |v_i| (the paper's max-norm variant, which keeps error feedback bounde
 so E[v^] = v. The code l_i sign(v_i) + s lies in [0, 2s] and takes b bits; codes
 are packed b bits per entry next to one fp32 scale per bucket, so n entries cost
 ceil(n b / 8) + 4 ceil(n / bucket_size) bytes (each part 4-byte aligned). bits=32
-sends the fp32 values unchanged. Ranks all-gather the payloads and average them.
+sends the fp32 values unchanged. Ranks all-gather the payloads and average them in
+rank order (each rank's own part decoded once, when it takes its residual).
 Layers of one size and bit width whose M lie back to back are quantised as one
 batch (each layer's random draw seeded by rank, step and layer, so batching does not
 change how a layer rounds).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -43,33 +46,46 @@ SMALLEST_FP32 = 2.0**-149  # the smallest positive (subnormal) float32
 
 def pack_bits(codes: Tensor, bits: int) -> Tensor:
     """Pack codes in [0, 2^bits) along the last dim into ceil(n bits / 8) bytes, least
-    significant bit first (code i occupies bits i*bits .. i*bits + bits - 1 of its row)."""
+    significant bit first (code i occupies bits i*bits .. i*bits + bits - 1 of its row).
+
+    Eight codes fill `bits` bytes exactly, so each group of eight is packed by a few
+    uint8 shifts and ors on strided views, one per (byte, code) pair that overlap
+    (`_overlaps`); a uint8 shift drops the bits that belong to the next byte."""
     codes = codes.to(torch.uint8)
-    lead = codes.shape[:-1]
-    if 8 % bits == 0:  # whole codes per byte: shift and add
-        per = 8 // bits
-        grouped = F.pad(codes, (0, -codes.shape[-1] % per)).view(*lead, -1, per)
-        return (grouped << _arange(per, codes.device) * bits).sum(-1, dtype=torch.uint8)
-    planes = (codes.unsqueeze(-1) >> _arange(bits, codes.device)) & 1
-    flat = planes.reshape(*lead, -1)
-    flat = F.pad(flat, (0, -flat.shape[-1] % 8)).view(*lead, -1, 8)
-    return (flat << _arange(8, codes.device)).sum(-1, dtype=torch.uint8)
+    lead, n = codes.shape[:-1], codes.shape[-1]
+    if bits == 8:
+        return codes.contiguous()
+    groups = F.pad(codes, (0, -n % 8)).view(*lead, -1, 8)
+    out = torch.zeros(*groups.shape[:-1], bits, dtype=torch.uint8, device=codes.device)
+    for byte, code, shift in _overlaps(bits):
+        part = groups[..., code]
+        out[..., byte] |= part << shift if shift >= 0 else part >> -shift
+    return out.view(*lead, -1)[..., : -(-n * bits // 8)].contiguous()
 
 
 def unpack_bits(packed: Tensor, numel: int, bits: int) -> Tensor:
     """The `numel` codes of `bits` bits per row that `pack_bits` packed (uint8)."""
     lead = packed.shape[:-1]
-    if 8 % bits == 0:
-        per = 8 // bits
-        codes = (packed.unsqueeze(-1) >> _arange(per, packed.device) * bits) & (2**bits - 1)
-        return codes.reshape(*lead, -1)[..., :numel]
-    planes = (packed.unsqueeze(-1) >> _arange(8, packed.device)) & 1
-    planes = planes.reshape(*lead, -1)[..., : numel * bits].reshape(*lead, numel, bits)
-    return (planes << _arange(bits, packed.device)).sum(-1, dtype=torch.uint8)
+    if bits == 8:
+        return packed[..., :numel]
+    groups = F.pad(packed, (0, -packed.shape[-1] % bits)).view(*lead, -1, bits)
+    codes = torch.zeros(*groups.shape[:-1], 8, dtype=torch.uint8, device=packed.device)
+    for byte, code, shift in _overlaps(bits):
+        part = groups[..., byte]
+        codes[..., code] |= part >> shift if shift >= 0 else part << -shift
+    return codes.view(*lead, -1)[..., :numel] & (2**bits - 1)
 
 
-def _arange(n: int, device: torch.device) -> Tensor:
-    return torch.arange(n, dtype=torch.uint8, device=device)
+@functools.cache
+def _overlaps(bits: int) -> tuple[tuple[int, int, int], ...]:
+    """(byte, code, shift) for each of a group's `bits` bytes and 8 codes that share bits:
+    code k's bit 0 sits at bit shift = k bits - 8 byte of that byte (negative: earlier)."""
+    return tuple(
+        (byte, code, code * bits - 8 * byte)
+        for byte in range(bits)
+        for code in range(8)
+        if code * bits < 8 * byte + 8 and code * bits + bits > 8 * byte
+    )
 
 
 def _buckets(v: Tensor, bucket_size: int) -> Tensor:
@@ -184,16 +200,19 @@ class QSGD(Compressor):
         runs = batches(slots, key=lambda s: (s.m.numel(), s.level))
         parts: list[Tensor] = []
         counts = []  # payload parts per run
+        own = []  # this rank's decoded values per run: its payload is not decoded again
         for run, view in runs:
             rows, bits = view.view(len(run), -1), run[0].level
             if bits == RAW:
-                parts.append(rows.clone())
+                own.append(rows.clone())
+                parts.append(own[-1])
                 rows.zero_()
                 counts.append(1)
                 continue
             seeds = [s.seed for s in run]
             scales, codes = quantize(rows, bits, self.bucket_size, self._gen(run[0]), seeds)
-            rows.sub_(dequantize(scales, codes, bits, self.bucket_size))
+            own.append(dequantize(scales, codes, bits, self.bucket_size))
+            rows.sub_(own[-1])
             packed = pack_bits(codes, bits)
             # whole rows are one part when each row is 4-byte aligned; else one part per row
             packed_parts = [packed] if packed.shape[1] % 4 == 0 else list(packed.unbind(0))
@@ -204,11 +223,14 @@ class QSGD(Compressor):
         total_flags = torch.stack([r[-1] for r in received]).sum(0)
         factor, _ = outcome(total_flags, comm.world)
         start = 0
-        for (run, view), count in zip(runs, counts, strict=True):
+        for (run, view), count, mine in zip(runs, counts, own, strict=True):
             rows, bits = view.view(len(run), -1), run[0].level
             total = torch.zeros(rows.shape, device=rows.device)
-            for r in received:
+            for rank, r in enumerate(received):  # in rank order: the same sum on every rank
                 got = r[start : start + count]
+                if rank == comm.rank:
+                    total += mine
+                    continue
                 if bits == RAW:
                     total += got[0]
                     continue

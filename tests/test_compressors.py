@@ -43,6 +43,19 @@ def test_pack_bits_round_trip_and_size(bits):
         assert torch.equal(unpack_bits(packed, n, bits), codes)
 
 
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_bits_puts_each_code_where_the_layout_says(bits):
+    """Bit k of packed byte j is bit j * 8 + k of the row, and bit b of code i sits at row
+    bit i * bits + b (a brute-force oracle, rows of a 2-D batch packed alike)."""
+    gen = torch.Generator().manual_seed(10 + bits)
+    codes = torch.randint(0, 2**bits, (3, 21), generator=gen, dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    for row in range(3):
+        stream = [(int(packed[row, j]) >> k) & 1 for j in range(packed.shape[1]) for k in range(8)]
+        want = [(int(c) >> b) & 1 for c in codes[row] for b in range(bits)]
+        assert stream[: len(want)] == want and not any(stream[len(want) :])
+
+
 def test_payload_segments_round_trip_aligned():
     parts = [
         torch.randn(3),
