@@ -326,16 +326,19 @@ class GauntSelfProduct(_SphereProduct):
         x = x.reshape(-1, x.shape[-1])
         sampler = self.sampler(x)
         f = sampler.synthesis(x, self.lmax_in)
-        h = self._horner(f) if self.weighted else _power(f, self.correlation)
+        h = self._horner(f, sampler.rows_first) if self.weighted else _power(f, self.correlation)
         return self._output(sampler.analysis(h, self.lmax_out).T, lead)
 
-    def _horner(self, f: Tensor) -> Tensor:
-        """sum_k a[c, k] f^k = f (a_1 + f (a_2 + ... f a_nu)), channel c fastest in rows."""
-        shape = (f.shape[0], -1, self.channels)
-        f3 = f.view(shape)
-        h = self.order_weight[:, -1].expand_as(f3)
+    def _horner(self, f: Tensor, rows_first: bool) -> Tensor:
+        """sum_k a[c, k] f^k = f (a_1 + f (a_2 + ... f a_nu)), channel c fastest in rows
+        (the rows are f's first dimension when `rows_first`, else its last)."""
+        if rows_first:
+            f3, a = f.view(-1, self.channels, f.shape[-1]), self.order_weight[..., None]
+        else:
+            f3, a = f.view(f.shape[0], -1, self.channels), self.order_weight
+        h = a[:, -1].expand_as(f3)
         for k in range(self.correlation - 2, -1, -1):
-            h = self.order_weight[:, k] + f3 * h
+            h = a[:, k] + f3 * h
         return (f3 * h).reshape(f.shape)
 
     def extra_repr(self) -> str:

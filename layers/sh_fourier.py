@@ -113,14 +113,61 @@ def projection_tables(lmax_out: int, degree: int) -> tuple[Tensor, Tensor]:
     return q[minus_v].T.contiguous(), kernel
 
 
+def _partners(lmax: int, n_rows: int) -> tuple[Tensor, Tensor]:
+    """For each order m = -L..L, the rows of frequencies v = +|m| and v = -|m| in an
+    FFT-ordered axis of length `n_rows` (row 0 twice for m = 0)."""
+    m = torch.arange(-lmax, lmax + 1).abs()
+    return m, torch.where(m == 0, 0, n_rows - m)
+
+
+@cache
+def synthesis_coefficients(lmax: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(c_plus, c_minus, m_plus, m_minus): F[v, u] = c_plus[v] Z[m_plus[v], u] +
+    c_minus[v] Z[m_minus[v], u], v = 0..L, -L..-1 (FFT order), Z[m] = sum_l x_lm p_lm: the
+    two nonzero entries of each row of `azimuthal_coefficients` (S_m has frequencies
+    +-|m| only), complex128, and their columns (m + L)."""
+    q = azimuthal_coefficients(lmax)
+    rows = torch.tensor([*range(lmax + 1), *range(-lmax, 0)])
+    m_plus, m_minus = lmax + rows.abs(), lmax - rows.abs()
+    c_plus = q[torch.arange(len(rows)), m_plus]
+    c_minus = torch.where(rows == 0, 0, q[torch.arange(len(rows)), m_minus])
+    rest = q.clone()
+    rest[torch.arange(len(rows)), m_plus] = 0
+    rest[torch.arange(len(rows)), m_minus] = 0
+    assert rest.abs().max() < 1e-12, "azimuthal coefficients are not two per row"
+    return c_plus, c_minus, m_plus, m_minus
+
+
+@cache
+def analysis_table(lmax_out: int, degree: int) -> Tensor:
+    """(2L+1 [m], 2 (degree+1), L+1 [l]) real: x[m, l] = sum_k D[m, k] T[m, k, l] with D[m]
+    the real and imaginary parts of H[|m|, u], u = 0..degree. This is `projection_tables`
+    with its two nonzero azimuthal entries per order (v = +-|m|) folded in, and
+    H[-v, u] = (-1)^v conj H[v, u] (h is real, and each row v is even or odd in b with v):
+    Re(K1 H + K2 (-1)^m conj H) = (Re K1 + (-1)^m Re K2) Re H + ((-1)^m Im K2 - Im K1) Im H."""
+    q, kernel = projection_tables(lmax_out, degree)  # q (m, v local), kernel (m, l, u)
+    plus, minus = _partners(lmax_out, 2 * lmax_out + 1)
+    m = torch.arange(2 * lmax_out + 1)
+    k1 = kernel * q[m, plus][:, None, None]
+    k2 = kernel * torch.where(plus == 0, 0, q[m, minus])[:, None, None]
+    sign = (1 - 2 * (plus % 2)).to(torch.float64)[:, None, None]
+    parts = torch.stack([k1.real + sign * k2.real, sign * k2.imag - k1.imag], -1)  # m l u c
+    return parts.flatten(2).transpose(1, 2).contiguous()
+
+
 class FourierSampler(Sampler):
     """Exact SH <-> torus-grid transforms through the 2-D Fourier basis, with FFTs.
 
     `synthesis` maps SH coefficients to values on an N_alpha x N_beta torus grid
     (inverse FFT of the 2-D Fourier coefficients), `analysis` maps values back
     (FFT, then the exact projection above). A pointwise product of sampled values
-    is the FFT convolution of the Fourier coefficients.
+    is the FFT convolution of the Fourier coefficients. Rows come first (values are
+    (R, N_alpha N_beta)), so every FFT runs over contiguous memory, and the azimuthal
+    change of basis uses its two nonzero entries per frequency instead of a dense
+    product.
     """
+
+    rows_first = True
 
     def __init__(self, total: int, product: int):
         super().__init__()
@@ -129,34 +176,40 @@ class FourierSampler(Sampler):
 
     def _input_tables(self, lmax: int, like: Tensor) -> tuple[Tensor, ...]:
         def build():
-            q = azimuthal_coefficients(lmax) * (self.n_alpha * self.n_beta)
-            return polar_coefficients(lmax), q.real.contiguous(), q.imag.contiguous()
+            c_plus, c_minus, m_plus, m_minus = synthesis_coefficients(lmax)
+            scale = self.n_alpha * self.n_beta  # irfft2 divides by it
+            c = [t.view(-1, 1, 1) * scale for t in (c_plus, c_minus)]
+            p = polar_coefficients(lmax).transpose(1, 2).contiguous()  # (m, l, u)
+            return p, c[0].real, c[0].imag, c[1].real, c[1].imag, m_plus, m_minus
 
         return self.cached(("in", lmax), like, build)
 
     def synthesis(self, x: Tensor, lmax: int) -> Tensor:
-        """(R, (lmax+1)^2) -> values (N_alpha, N_beta * R) on the torus grid."""
-        polar_t, q_re, q_im = self._input_tables(lmax, x)
+        """(R, (lmax+1)^2) -> values (R, N_alpha N_beta) on the torus grid."""
+        p, a_re, a_im, b_re, b_im, m_plus, m_minus = self._input_tables(lmax, x)
         r = x.shape[0]
-        z = torch.bmm(polar_t, self.to_order_major(x, lmax)).view(2 * lmax + 1, -1)  # (m, u R)
-        spec = torch.complex(q_re @ z, q_im @ z).view(2 * lmax + 1, lmax + 1, r)
-        grid = spec.new_zeros(self.n_alpha, self.n_beta // 2 + 1, r)
-        grid[: lmax + 1, : lmax + 1] = spec[: lmax + 1]
-        grid[self.n_alpha - lmax :, : lmax + 1] = spec[lmax + 1 :]
-        values = torch.fft.irfft2(grid, s=(self.n_alpha, self.n_beta), dim=(0, 1))
-        return values.reshape(self.n_alpha, -1)
+        z = torch.bmm(self.rows_by_order(x, lmax), p)  # (m, R, u)
+        z1, z2 = z.index_select(0, m_plus), z.index_select(0, m_minus)  # (v, R, u)
+        spec = torch.complex(a_re * z1 + b_re * z2, a_im * z1 + b_im * z2).transpose(0, 1)
+        # Frequencies |v| > (N_alpha - 1) / 2 (there are some when L > L_other + L_out)
+        # belong to degrees no output degree can reach: they are dropped, not folded.
+        keep = min(lmax, (self.n_alpha - 1) // 2)
+        gap = spec.new_zeros(r, self.n_alpha - 2 * keep - 1, lmax + 1)
+        spec = torch.cat([spec[:, : keep + 1], gap, spec[:, 2 * lmax + 1 - keep :]], 1)
+        # the inverse 2-D FFT as two 1-D ones, the first only over the columns u <= L
+        values = torch.fft.irfft(torch.fft.ifft(spec, dim=1), n=self.n_beta, dim=2)
+        return values.view(r, -1)
 
     def analysis(self, values: Tensor, lmax: int) -> Tensor:
-        """values (N_alpha, N_beta * R) -> ((lmax+1)^2, R)."""
-        lout, deg = lmax, self.product
+        """values (R, N_alpha N_beta) -> ((lmax+1)^2, R)."""
+        deg = self.product
 
         def build():
-            rows = torch.tensor([*range(lout + 1), *range(self.n_alpha - lout, self.n_alpha)])
-            return (*projection_tables(lout, deg), rows)
+            return analysis_table(lmax, deg), _partners(lmax, self.n_alpha)[0]
 
-        q, kernel, rows = self.cached(("out", lmax), values, build)
-        h = values.view(self.n_alpha, self.n_beta, -1)
-        spec = torch.fft.rfft2(h, dim=(0, 1), norm="forward")
-        spec = spec.index_select(0, rows)[:, : deg + 1]  # (v, u, R)
-        w = (q @ spec.reshape(2 * lout + 1, -1)).view(2 * lout + 1, deg + 1, -1)
-        return self.from_order_major(torch.bmm(kernel, w).real, lout)
+        table, plus = self.cached(("out", lmax), values, build)
+        h = values.view(-1, self.n_alpha, self.n_beta)
+        spec = torch.fft.rfft2(h, dim=(1, 2), norm="forward")[:, :, : deg + 1]
+        spec = torch.view_as_real(spec).index_select(1, plus)  # (R, m, u, re/im)
+        w = spec.flatten(2).transpose(0, 1)  # (m, R, 2 (deg+1))
+        return self.rows_from_order(torch.bmm(w, table), lmax).T

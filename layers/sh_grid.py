@@ -116,6 +116,7 @@ class Sampler:
 
     n_alpha: int
     n_beta: int
+    rows_first = False  # sampled values are (points, R); True: (R, points)
 
     def __init__(self):
         self._cache: dict = {}
@@ -145,6 +146,19 @@ class Sampler:
         index, inverse = self.cached(("index", lmax), y, lambda: layout_indices(lmax))
         rows = y.reshape((2 * lmax + 1) * (lmax + 1), y.shape[-1])
         return Gather.apply(rows, 0, inverse, index)
+
+    def rows_by_order(self, x: Tensor, lmax: int) -> Tensor:
+        """(R, (L+1)^2) -> (2L+1, R, L+1), a strided view: `to_order_major` with the
+        rows before the degrees, for samplers that keep the rows first."""
+        index, inverse = self.cached(("index", lmax), x, lambda: layout_indices(lmax))
+        rows = Gather.apply(x, 1, index, inverse)
+        return rows.view(x.shape[0], 2 * lmax + 1, lmax + 1).transpose(0, 1)
+
+    def rows_from_order(self, y: Tensor, lmax: int) -> Tensor:
+        """(2L+1, R, L+1) -> (R, (L+1)^2), the inverse of `rows_by_order`."""
+        index, inverse = self.cached(("index", lmax), y, lambda: layout_indices(lmax))
+        rows = y.transpose(0, 1).reshape(y.shape[1], -1)
+        return Gather.apply(rows, 1, inverse, index)
 
 
 def layout_indices(lmax: int) -> tuple[Tensor, Tensor]:
