@@ -137,20 +137,21 @@ def measure(cases: dict[str, tuple[Callable, tuple]], repeat: int, device) -> di
 
 def fft_calls(lmax: int, rows: int, device) -> tuple[Callable, Callable]:
     """The FFT calls alone of the FFT backend's product (lmax, lmax -> lmax) on `rows`
-    rows, chunked as it chunks them: forward 2 inverse + 1 forward real 2-D FFT per
-    chunk, forward+backward 5 + 3 (the backward samples three inputs and projects two).
-    Every route through this torus grid makes these calls, whatever else it does."""
+    rows, chunked as it chunks them: per chunk, forward 2 syntheses (a complex FFT over
+    the L+1 nonzero polar columns, then a real inverse FFT) and 1 projection (a real
+    2-D FFT); forward+backward 5 and 3 (the backward samples three inputs and projects
+    two). Every route through this torus grid makes these calls, whatever else it does."""
     sampler = FourierSampler(3 * lmax, 2 * lmax)
     na, nb = sampler.n_alpha, sampler.n_beta
     chunk = rows if device.type != "cpu" else max(64, CHUNK_BYTES // (na * nb * 4))
     sizes = [min(chunk, rows - s) for s in range(0, rows, chunk)]
-    spec = torch.randn(chunk, na, nb // 2 + 1, dtype=torch.complex64, device=device)
+    spec = torch.randn(chunk, na, lmax + 1, dtype=torch.complex64, device=device)
     values = torch.randn(chunk, na, nb, device=device)
 
     def calls(inverse: int, forward: int) -> None:
         for n in sizes:
             for _ in range(inverse):
-                torch.fft.irfft2(spec[:n], s=(na, nb), dim=(1, 2))
+                torch.fft.irfft(torch.fft.ifft(spec[:n], dim=1), n=nb, dim=2)
             for _ in range(forward):
                 torch.fft.rfft2(values[:n], dim=(1, 2))
 
