@@ -47,7 +47,7 @@ WEIGHTS = ("per_degree", None)
 # "auto" uses the dense route up to the total degree L1 + L2 + Lout in DENSE_UP_TO, the
 # FFT route from the one in FFT_FROM, the grid route in between, per device type
 # (crossovers measured with benchmarks/gaunt.py: results/gaunt_cpu.md, gaunt_cuda.md;
-# dense is unmeasured on a GPU, FFT was never faster than grid, up to lmax 24).
+# dense is unmeasured on a GPU, FFT was never faster than grid, up to lmax 32).
 DENSE_UP_TO = {"cpu": 24}
 FFT_FROM = {"cpu": math.inf, "cuda": math.inf}
 # On the CPU the rows are processed in chunks whose sampled values take about this many
