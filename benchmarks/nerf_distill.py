@@ -15,7 +15,8 @@ learning rate ends. Every
 and at the last step each field renders all test views (outside the training
 clock). The common PSNR is the from-scratch MLP's final test PSNR; the table
 reports the training time each run takes to first reach it, the speed-up of
-distillation over training from images, and every field's final PSNR / SSIM.
+distillation over training from images, every field's final PSNR / SSIM, and each
+student's PSNR against the teacher's own renders of the test views.
 
 Targets: distillation reaches the common PSNR >= 5x faster than training from
 images; every distilled student ends within 1 dB of its teacher.
@@ -36,15 +37,16 @@ from pathlib import Path
 import torch
 from machine import cpu_model
 
-from gradlane.layers import OccupancyGrid, build_field
+from gradlane.layers import OccupancyGrid, build_field, psnr
 from gradlane.recipes.nerf_distill.data import load_views
 from gradlane.recipes.nerf_distill.distill import (
     GridSchedule,
     LossWeights,
     RenderSettings,
     distill_fields,
-    evaluate_views,
     fit_images,
+    image_scores,
+    render_image,
 )
 from gradlane.recipes.nerf_distill.scene import generated_scene
 
@@ -123,10 +125,13 @@ def _machine(device: torch.device) -> str:
 class Curve:
     """Training seconds (the device synchronised after each step) and, every `every`
     steps and at the last (`total`), PSNR / SSIM on all test views, rendered outside
-    the clock."""
+    the clock; with `reference` (the teacher's renders of the test views) also the PSNR
+    against those: how closely a student reproduces its teacher."""
 
-    def __init__(self, field, test, settings, every: int, total: int, label: str):
+    def __init__(self, field, test, settings, every: int, total: int, label: str,
+                 reference: list[torch.Tensor] | None = None):  # fmt: skip
         self.field, self.test, self.settings = field, test, settings
+        self.reference = reference
         self.every, self.total = every, total
         self.label, self.points, self.clock = label, [], 0.0
         self.device = settings.background.device
@@ -137,14 +142,21 @@ class Curve:
             torch.cuda.synchronize(self.device)
         self.clock += time.perf_counter() - self.last
         if step % self.every == 0 or step == self.total:
-            views = list(range(len(self.test)))
-            rows = evaluate_views(self.field, self.test, self.settings, views)
-            psnr = sum(r["psnr"] for r in rows) / len(rows)
-            ssim = sum(r["ssim"] for r in rows) / len(rows)
-            self.points.append({"step": step, "seconds": self.clock, "psnr": psnr, "ssim": ssim})
-            print(f"  {self.label:<22} step {step:>5} {self.clock:7.1f} s  PSNR {psnr:6.2f}",
-                  flush=True)  # fmt: skip
+            point = {"step": step, "seconds": self.clock, **self._scores()}
+            self.points.append(point)
+            print(f"  {self.label:<22} step {step:>5} {self.clock:7.1f} s  "
+                  f"PSNR {point['psnr']:6.2f}", flush=True)  # fmt: skip
         self.last = time.perf_counter()
+
+    def _scores(self) -> dict[str, float]:
+        """Mean PSNR / SSIM over the test views (and PSNR to the reference renders)."""
+        images = test_renders(self.field, self.test, self.settings)
+        rows = [image_scores(im, self.test.images[i].to(im.device)) for i, im in enumerate(images)]
+        scores = {k: sum(r[k] for r in rows) / len(rows) for k in ("psnr", "ssim")}
+        if self.reference is not None:
+            pairs = zip(images, self.reference, strict=True)
+            scores["psnr_teacher"] = sum(psnr(a, b).item() for a, b in pairs) / len(images)
+        return scores
 
     @property
     def final(self) -> dict:
@@ -153,6 +165,11 @@ class Curve:
     def time_to(self, psnr: float) -> float | None:
         """Training seconds at the first evaluation reaching `psnr` (None: never)."""
         return next((p["seconds"] for p in self.points if p["psnr"] >= psnr), None)
+
+
+def test_renders(field, test, settings: RenderSettings) -> list[torch.Tensor]:
+    """`field`'s images of every test view, clamped to [0, 1] as they are scored."""
+    return [render_image(field, c2w, test, settings).clamp(0, 1) for c2w in test.c2w]
 
 
 def _field(arch: str, seed: int, device) -> torch.nn.Module:
@@ -223,6 +240,7 @@ def run(args: argparse.Namespace) -> dict:
                args.rays, args.seed + 1, GridSchedule(), s_curve)  # fmt: skip
     target = s_curve.final["psnr"]
 
+    reference = test_renders(teacher, test, t_settings)
     students, archs = {}, args.students.split(",")
     steps = _per_student(args.distill_steps, archs, "--distill-steps")
     pool_rays = _per_student(args.pool_rays, archs, "--pool-rays")
@@ -231,7 +249,8 @@ def run(args: argparse.Namespace) -> dict:
         print(f"hash -> {arch} distillation, {steps[arch]} steps", flush=True)
         student = _field(arch, args.seed + 2, device)
         d_settings = _settings(args, device, OccupancyGrid.from_state(t_settings.grid.state_dict()))
-        curve = Curve(student, test, d_settings, every, steps[arch], f"hash -> {arch}")
+        curve = Curve(student, test, d_settings, every, steps[arch], f"hash -> {arch}",
+                      reference)  # fmt: skip
         weights = LossWeights(feature=args.loss_feature, rgb=args.loss_rgb)
         upsample = args.plenoxel_upsample if arch == "plenoxel" else None
         distill_fields(student, teacher, train, d_settings, steps[arch],
@@ -284,23 +303,24 @@ def table(result: dict) -> str:
         "(the from-scratch MLP's final test PSNR)",
         "",
         "| run | steps | train s | final PSNR | final SSIM | s to common PSNR | speed-up "
-        "| gap to teacher |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| gap to teacher | PSNR to teacher |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         f"| hash teacher (from images) | {t['steps']} | {t['seconds']:.1f} | {t['psnr']:.2f} "
-        f"| {t['ssim']:.3f} | | | |",
+        f"| {t['ssim']:.3f} | | | | |",
     ]
     s = result["scratch"]
     lines.append(
         f"| mlp from images | {s['steps']} | {s['seconds']:.1f} | {s['psnr']:.2f} "
-        f"| {s['ssim']:.3f} | {s['seconds_to_target']:.1f} | 1.0x | |"
+        f"| {s['ssim']:.3f} | {s['seconds_to_target']:.1f} | 1.0x | | |"
     )
     for arch, r in result["students"].items():
         reach = f"{r['seconds_to_target']:.1f}" if r["seconds_to_target"] else "not reached"
         speed = f"{r['speedup']:.1f}x" if r["speedup"] else "-"
+        to_teacher = f"{r['psnr_teacher']:.2f}" if "psnr_teacher" in r else "-"
         lines.append(
             f"| hash -> {arch} (distilled) | {r['steps']} | {r['seconds']:.1f} "
             f"| {r['psnr']:.2f} | {r['ssim']:.3f} | {reach} | {speed} "
-            f"| {r['gap_to_teacher_db']:+.2f} dB |"
+            f"| {r['gap_to_teacher_db']:+.2f} dB | {to_teacher} |"
         )
     mlp = result["students"].get("mlp")
     if mlp:

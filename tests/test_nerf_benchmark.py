@@ -4,6 +4,7 @@ needs only torch, numpy and Pillow."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -48,6 +49,10 @@ def _run(tmp_path, device: str) -> dict:
     assert result["settings"]["plenoxel_upsample"] == [2, 63]
     assert result["settings"]["min_lr_ratio"] == [0.01, 0.1]
     assert "| hash -> plenoxel (distilled) | 3 |" in table and "Target every student" in table
+    for student in result["students"].values():  # scored against the teacher's renders too
+        assert all(math.isfinite(p["psnr_teacher"]) for p in student["curve"])
+        assert student["psnr_teacher"] == student["curve"][-1]["psnr_teacher"]
+    assert "| PSNR to teacher |" in table
     return result
 
 
