@@ -177,7 +177,7 @@ class FourierSampler(Sampler):
     def _input_tables(self, lmax: int, like: Tensor) -> tuple[Tensor, ...]:
         def build():
             c_plus, c_minus, m_plus, m_minus = synthesis_coefficients(lmax)
-            scale = self.n_alpha * self.n_beta  # irfft2 divides by it
+            scale = self.n_alpha * self.n_beta  # the two inverse FFTs divide by it
             c = [t.view(-1, 1, 1) * scale for t in (c_plus, c_minus)]
             p = polar_coefficients(lmax).transpose(1, 2).contiguous()  # (m, l, u)
             return p, c[0].real, c[0].imag, c[1].real, c[1].imag, m_plus, m_minus
