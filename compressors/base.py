@@ -159,6 +159,12 @@ def _stack_view(run: list[Slot]) -> Tensor:
     return first.as_strided((len(run), *first.shape), (first.numel(), *first.stride()))
 
 
+def host_reads_free(device: torch.device) -> bool:
+    """Whether the host may read a tensor's value for free (the CPU) rather than wait for
+    the device (a GPU): the hot path branches on values only where it is."""
+    return device.type == "cpu"
+
+
 def norms64(grads: list[Tensor]) -> list[Tensor]:
     """Each gradient's 2-norm as a float64 0-d tensor, exact at both ends of the range.
 
@@ -168,7 +174,7 @@ def norms64(grads: list[Tensor]) -> list[Tensor]:
     than converting them to float64) and the few norms that came out 0 or not finite
     are taken again in float64: reading them is free there. Elsewhere every norm is
     accumulated in float64 on the device, so the host never waits."""
-    if grads[0].device.type != "cpu" or any(g.dtype != torch.float32 for g in grads):
+    if not host_reads_free(grads[0].device) or any(g.dtype != torch.float32 for g in grads):
         return torch._foreach_norm(grads, 2, dtype=torch.float64)
     norms = torch.stack(torch._foreach_norm(grads, 2)).double()
     for i in ((norms == 0) | ~norms.isfinite()).nonzero().flatten().tolist():

@@ -48,6 +48,7 @@ from .base import (
     Level,
     Slot,
     health,
+    host_reads_free,
     norms64,
     outcome,
     square_norm,
@@ -333,4 +334,4 @@ def _keep_where(flag: Tensor, old: Tensor | None, new: Tensor) -> None:
 def _may_be_true(flag: Tensor) -> bool:
     """Whether a bool tensor may hold True. A CPU tensor is read (free); a GPU one is
     assumed True, so the caller's on-device select runs and the host never waits."""
-    return flag.device.type != "cpu" or bool(flag)
+    return not host_reads_free(flag.device) or bool(flag)

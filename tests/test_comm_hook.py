@@ -185,18 +185,33 @@ LOSSY = {
         "adjust_every": 2,
         "accumulate": 1,
     },
+    "lgreco-qsgd": {
+        "hook": "lgreco",
+        "compressor": "qsgd",
+        "bits": 4,
+        "bucket_size": 16,
+        "start_iter": 1,
+        "adjust_every": 2,
+        "accumulate": 1,
+    },
 }
 POISON_STEP, STEPS = 2, 5
 
 
-def _conservation(rank, world):
+def _conservation(rank, world, device_branches=False):
     """Per hook: sum_t applied_t + mean_w e_w vs sum_t mean_w g_t, bytes, non-finite steps.
 
     At POISON_STEP rank 1's fc2.weight gradient is inf: that layer's mean must be nan on
     every rank and keep its error feedback; every other layer, in its bucket or not, goes
-    on compressing."""
+    on compressing. With `device_branches` the exchange takes the branches it takes on a
+    GPU, where the host never reads a value: float64 norms on the device, and every
+    keep-or-replace select of the residuals run instead of skipped when nothing is kept."""
     import torch.distributed as dist
 
+    if device_branches:
+        from gradlane.compressors import base, exchange
+
+        base.host_reads_free = exchange.host_reads_free = lambda device: False
     out = {}
     for name, cfg in LOSSY.items():
         model, plain, ddp = _ddp(torch.float32, False, bucket_cap_mb=0.002)
@@ -226,7 +241,7 @@ def _conservation(rank, world):
                 if step == POISON_STEP and n in before and before[n].any():
                     report["others_moved"] &= not torch.equal(before[n], state.errors[n])
             metrics = state.metrics()
-            if step >= cfg.get("start_iter", 0) and name != "lgreco":
+            if step >= cfg.get("start_iter", 0) and not name.startswith("lgreco"):
                 flag = 2 if name in ("fp16", "bf16") else 4  # one per layer
                 formula = sum(
                     state.compressor.wire_bytes(s, state.levels[n]) + flag
@@ -249,8 +264,9 @@ def _conservation(rank, world):
     return out
 
 
-def test_error_feedback_conserves_mass_and_a_non_finite_layer_is_poisoned_alone():
-    results = run_ranks(_conservation, 2)
+@pytest.mark.parametrize("device_branches", [False, True], ids=["cpu-branches", "gpu-branches"])
+def test_error_feedback_conserves_mass_and_a_non_finite_layer_is_poisoned_alone(device_branches):
+    results = run_ranks(_conservation, 2, device_branches)
     for rank, got in enumerate(results):
         for name, report in got.items():
             tol = {"fp16": 5e-3, "bf16": 5e-2}.get(name, 1e-5)  # 16-bit sums round
