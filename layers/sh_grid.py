@@ -137,9 +137,7 @@ class Sampler:
     def to_order_major(self, x: Tensor, lmax: int) -> Tensor:
         """(R, (L+1)^2) -> (2L+1, L+1, R), a strided view: each order's coefficients as
         rows. Slots with l > L hold x[:, 0]; every table multiplies them by zero."""
-        index, inverse = self.cached(("index", lmax), x, lambda: layout_indices(lmax))
-        rows = Gather.apply(x, 1, index, inverse)
-        return rows.T.view(2 * lmax + 1, lmax + 1, x.shape[0])
+        return self.rows_by_order(x, lmax).permute(0, 2, 1)
 
     def from_order_major(self, y: Tensor, lmax: int) -> Tensor:
         """(2L+1, L+1, R) -> ((L+1)^2, R), the inverse of `to_order_major`."""
@@ -148,8 +146,8 @@ class Sampler:
         return Gather.apply(rows, 0, inverse, index)
 
     def rows_by_order(self, x: Tensor, lmax: int) -> Tensor:
-        """(R, (L+1)^2) -> (2L+1, R, L+1), a strided view: `to_order_major` with the
-        rows before the degrees, for samplers that keep the rows first."""
+        """(R, (L+1)^2) -> (2L+1, R, L+1), a strided view: each order's coefficients with
+        the rows before the degrees (`to_order_major` puts the rows last)."""
         index, inverse = self.cached(("index", lmax), x, lambda: layout_indices(lmax))
         rows = Gather.apply(x, 1, index, inverse)
         return rows.view(x.shape[0], 2 * lmax + 1, lmax + 1).transpose(0, 1)
